@@ -1,0 +1,286 @@
+"""Pieces shared by the model files: size tables, patches, position embeddings, layer stacks.
+
+Parameters and activations carry *logical* axis names; `crate_jax.sharding` maps them to
+mesh axes through the config's rules. The names:
+
+  batch, tokens, embed (model width), heads, head_dim, dict (dictionary columns / MLP
+  hidden), patch (flattened patch pixels), classes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+
+ACTIVATION_AXES = ("batch", "tokens", "embed")
+
+
+def pair(x: int | Sequence[int]) -> tuple[int, int]:
+  if isinstance(x, int):
+    return (x, x)
+  x = tuple(int(v) for v in x)
+  if len(x) != 2:
+    raise ValueError(f"Expected an int or a pair of ints, got {x}.")
+  return x  # type: ignore[return-value]
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+  width: int
+  depth: int
+  heads: int
+
+
+def parse_variant(variant: str, table: dict[str, Size]) -> tuple[Size, tuple[int, int]]:
+  """`"B/16"` -> (size of B, (16, 16)); `"B/16x8"` gives a non-square (16, 8) patch."""
+  match = re.fullmatch(r"(\w+)/(\d+)(?:x(\d+))?", variant)
+  if not match or match.group(1) not in table:
+    raise ValueError(
+        f"Unknown variant {variant!r}: expected '<size>/<patch>' (or '<size>/<ph>x<pw>') "
+        f"with size in {sorted(table)}, e.g. 'B/16'.")
+  size, p1, p2 = match.groups()
+  return table[size], (int(p1), int(p2 or p1))
+
+
+def resolve_dims(model_name: str, table: dict[str, Size], variant: str | None, *,
+                 width: int | None = None, depth: int | None = None, heads: int | None = None,
+                 dim_head: int | None = None,
+                 patch_size: Sequence[int] | int | None = None) -> dict[str, Any]:
+  """Sizes from a variant string, with explicit fields taking precedence.
+
+  Returns a dict with width, depth, heads, dim_head (default width // heads) and patch_size.
+  """
+  size, patch = parse_variant(variant, table) if variant else (Size(0, 0, 0), None)
+  dims = dict(width=width or size.width, depth=depth or size.depth, heads=heads or size.heads)
+  if not all(dims.values()):
+    raise ValueError(f"{model_name} needs a `variant` (e.g. 'B/16') or width, depth and heads; "
+                     f"got variant={variant!r} and {dims}.")
+  dims["dim_head"] = dim_head or dims["width"] // dims["heads"]
+  dims["patch_size"] = pair(patch_size or patch or 16)
+  return dims
+
+
+def grid_size(image_size: Sequence[int], patch_size: Sequence[int]) -> tuple[int, int]:
+  (h, w), (p1, p2) = pair(image_size), pair(patch_size)
+  if h % p1 or w % p2:
+    raise ValueError(
+        f"Image size {(h, w)} is not divisible by the patch size {(p1, p2)}: resize or crop "
+        f"the images, or pick a patch size that divides them.")
+  return h // p1, w // p2
+
+
+def patchify(images: Array, patch_size: Sequence[int]) -> Array:
+  """NHWC images -> `(B, h*w, p1*p2*C)` patches, each flattened in (row, col, channel) order."""
+  b, height, width, c = images.shape
+  p1, p2 = pair(patch_size)
+  gh, gw = grid_size((height, width), (p1, p2))
+  x = images.reshape(b, gh, p1, gw, p2, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, gh * gw, p1 * p2 * c)
+
+
+def resample_posemb(posemb: Array, old_grid: Sequence[int], new_grid: Sequence[int],
+                    num_prefix_tokens: int = 1) -> Array:
+  """Resamples a `(1, prefix + h*w, d)` position embedding to another grid, bicubically.
+
+  The prefix (CLS) rows are kept as they are. Used to fine-tune or inspect a model at
+  another resolution or patch grid (also non-square).
+  """
+  old_grid, new_grid = pair(old_grid), pair(new_grid)
+  if posemb.shape[1] != num_prefix_tokens + old_grid[0] * old_grid[1]:
+    raise ValueError(
+        f"Position embedding of shape {posemb.shape} does not hold {num_prefix_tokens} prefix "
+        f"tokens plus a {old_grid} grid.")
+  if old_grid == new_grid:
+    return posemb
+  prefix, grid = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
+  d = grid.shape[-1]
+  grid = grid.reshape(old_grid + (d,)).astype(jnp.float32)
+  grid = jax.image.resize(grid, new_grid + (d,), method="bicubic")
+  grid = grid.reshape(1, new_grid[0] * new_grid[1], d).astype(posemb.dtype)
+  return jnp.concatenate([prefix, grid], axis=1)
+
+
+def add_cls_and_posemb(module: nn.Module, x: Array, *, image_size: Sequence[int],
+                       patch_size: Sequence[int], input_hw: Sequence[int], dtype: Dtype,
+                       init_std: float = 1.0) -> Array:
+  """Prepends the learned CLS token and adds the learned position embedding.
+
+  Creates `cls (1, 1, d)` and `pos_embedding (1, 1 + h*w, d)` in `module`'s scope. The
+  embedding is learned on the grid of `image_size`; inputs of another size get it
+  resampled bicubically on the fly.
+  """
+  width = x.shape[-1]
+  init = nn.initializers.normal(init_std)
+  cls = module.param("cls", param_with_axes(init, (None, None, "embed")), (1, 1, width))
+  x = jnp.concatenate([jnp.broadcast_to(cls.astype(dtype), (x.shape[0], 1, width)), x], axis=1)
+  learned_grid = grid_size(image_size, patch_size)
+  posemb = module.param("pos_embedding", param_with_axes(init, (None, "tokens", "embed")),
+                        (1, 1 + learned_grid[0] * learned_grid[1], width))
+  posemb = resample_posemb(posemb, learned_grid, grid_size(input_hw, patch_size))
+  return constrain(x + posemb.astype(dtype))
+
+
+class ConvPatchEmbed(nn.Module):
+  """Linear patch embedding as a strided convolution, kernel `(p1, p2, C, d)` with bias."""
+  width: int
+  patch_size: tuple[int, int]
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: Array) -> Array:
+    grid_size(images.shape[1:3], self.patch_size)  # Validates divisibility.
+    x = nn.Conv(self.width, self.patch_size, strides=self.patch_size, padding="VALID",
+                dtype=self.dtype, name="conv",
+                kernel_init=param_with_axes(nn.initializers.lecun_normal(),
+                                            (None, None, None, "embed")),
+                bias_init=param_with_axes(nn.initializers.zeros, ("embed",)))(images.astype(self.dtype))
+    return x.reshape(x.shape[0], -1, self.width)
+
+
+def classifier_head(module: nn.Module, x: Array, *, pool: str, num_classes: int, dtype: Dtype,
+                    intermediates: dict[str, Array] | None, torch_init: bool,
+                    head_norm_eps: float | None = None) -> tuple[Array, dict[str, Any]]:
+  """Pools the tokens ('cls' or 'mean'), optionally normalises (`head_norm`), applies `head`.
+
+  Returns the models' common `(logits, out)`: `out` holds `pre_logits` and, when given,
+  the stacked per-layer `intermediates`. `num_classes=0` returns the features as logits.
+  """
+  if pool not in ("cls", "mean"):
+    raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}.")
+  pre_logits = x[:, 0] if pool == "cls" else jnp.mean(x, axis=1)
+  if head_norm_eps is not None:
+    pre_logits = layer_norm(head_norm_eps, dtype, "head_norm")(pre_logits)
+  out: dict[str, Any] = {"pre_logits": pre_logits}
+  if intermediates is not None:
+    out["intermediates"] = intermediates
+  if not num_classes:
+    return pre_logits, out
+  logits = dense(num_classes, dtype, "head", ("embed", "classes"), torch_init=torch_init,
+                 fan_in=x.shape[-1])(pre_logits)
+  return logits.astype(jnp.float32), out
+
+
+def param_with_axes(init: Callable[..., Array], axes: tuple[str | None, ...]):
+  """An initializer whose parameter carries logical axis names (for sharding)."""
+  return nn.with_logical_partitioning(init, axes)
+
+
+def constrain(x: Array, axes: tuple[str | None, ...] = ACTIVATION_AXES) -> Array:
+  """Activation sharding constraint by logical names; a no-op outside a mesh with rules."""
+  return nn.with_logical_constraint(x, axes)
+
+
+def torch_linear_init(fan_in: int) -> Callable[..., Array]:
+  """PyTorch's default Linear init: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = fan_in ** -0.5
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def layer_norm(epsilon: float, dtype: Dtype, name: str, axis_name: str = "embed") -> nn.LayerNorm:
+  """LayerNorm with logically named scale and bias (the epsilon matters: 1e-5 in CRATE)."""
+  return nn.LayerNorm(
+      epsilon=epsilon, dtype=dtype, name=name,
+      scale_init=param_with_axes(nn.initializers.ones, (axis_name,)),
+      bias_init=param_with_axes(nn.initializers.zeros, (axis_name,)))
+
+
+def dense(features: int, dtype: Dtype, name: str, axes: tuple[str, str], use_bias: bool = True,
+          torch_init: bool = True, fan_in: int | None = None) -> nn.Dense:
+  """Dense layer with logically named kernel `(in, out)` and bias `(out,)`.
+
+  `torch_init` reproduces PyTorch's Linear default (uniform +-1/sqrt(fan_in)) for kernel and
+  bias; otherwise Xavier-uniform kernel and zero bias (ViT convention).
+  """
+  if torch_init:
+    if fan_in is None:
+      raise ValueError("torch_init needs fan_in.")
+    kernel_init = bias_init = torch_linear_init(fan_in)
+  else:
+    kernel_init, bias_init = nn.initializers.xavier_uniform(), nn.initializers.zeros
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name,
+                  kernel_init=param_with_axes(kernel_init, axes),
+                  bias_init=param_with_axes(bias_init, axes[1:]))
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class LayerStack(nn.Module):
+  """Applies `depth` copies of `layer` in order, unrolled or with `nn.scan`, with optional remat.
+
+  `layer(collect=..., name=...)` must build a module mapping `x -> (x, intermediates)`,
+  where `intermediates` is a dict of arrays (empty unless `collect`). Returns the final `x`
+  and the intermediates stacked over layers (leading axis `depth`).
+
+  Unrolled, layer i's parameters live under `layer_{i}`; scanned, under `layers` with a
+  leading `depth` axis (see `stack_layer_params` / `unstack_layer_params`).
+  """
+  layer: Callable[..., nn.Module]
+  depth: int
+  scan: bool = False
+  remat_policy: str = "none"
+
+  @nn.compact
+  def __call__(self, x: Array, collect: bool = False) -> tuple[Array, dict[str, Array]]:
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(
+          f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {self.remat_policy!r}.")
+    layer_cls = self.layer
+    if self.remat_policy != "none":
+      layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[self.remat_policy])
+    if self.scan:
+      scanned = nn.scan(
+          layer_cls,
+          variable_axes={"params": 0},
+          split_rngs={"params": True, "dropout": True},
+          length=self.depth,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )
+      return scanned(collect=collect, name="layers")(x)
+    outputs = []
+    for i in range(self.depth):
+      x, inter = layer_cls(collect=collect, name=f"layer_{i}")(x)
+      outputs.append(inter)
+    return x, (jax.tree.map(lambda *xs: jnp.stack(xs), *outputs) if collect else {})
+
+
+def stack_layer_params(params: dict, depth: int, stack_path: Sequence[str] = ("encoder",)) -> dict:
+  """Converts unrolled `layer_{i}` parameters to the scanned `layers` layout."""
+  params = jax.tree.map(lambda x: x, params)  # shallow copy of the nested dicts
+  parent = _get_path(params, stack_path)
+  layers = [parent.pop(f"layer_{i}") for i in range(depth)]
+  parent["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+  return params
+
+
+def unstack_layer_params(params: dict, stack_path: Sequence[str] = ("encoder",)) -> dict:
+  """Converts scanned `layers` parameters to the unrolled `layer_{i}` layout."""
+  params = jax.tree.map(lambda x: x, params)
+  parent = _get_path(params, stack_path)
+  stacked = parent.pop("layers")
+  depth = jax.tree.leaves(stacked)[0].shape[0]
+  for i in range(depth):
+    parent[f"layer_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return params
+
+
+def _get_path(tree: dict, path: Sequence[str]) -> dict:
+  for key in path:
+    tree = tree[key]
+  return tree
