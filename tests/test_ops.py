@@ -1,0 +1,163 @@
+"""Mathematical properties of the pure functions in crate_jax.ops."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from crate_jax import ops
+
+
+def _random_orthogonal(key, n):
+  q, r = jnp.linalg.qr(jax.random.normal(key, (n, n)))
+  return q * jnp.sign(jnp.diagonal(r))
+
+
+def _naive_coding_rate(z, eps):
+  n, d = z.shape
+  return 0.5 * np.linalg.slogdet(np.eye(d) + d / (n * eps**2) * z.T @ z)[1]
+
+
+@pytest.mark.parametrize("n,d", [(17, 8), (5, 12)])  # both Gram sizes.
+def test_coding_rate_matches_definition(n, d):
+  z = np.random.default_rng(0).normal(size=(n, d))
+  np.testing.assert_allclose(ops.coding_rate(jnp.asarray(z), 0.5), _naive_coding_rate(z, 0.5), rtol=1e-5)
+
+
+def test_compression_rate_matches_definition():
+  rng = np.random.default_rng(1)
+  z, u = rng.normal(size=(2, 11, 12)), rng.normal(size=(12, 3, 4))
+  expected = [sum(0.5 * np.linalg.slogdet(np.eye(4) + 4 / (11 * 0.25) * (zb @ u[:, k]).T @ (zb @ u[:, k]))[1]
+                  for k in range(3)) for zb in z]
+  np.testing.assert_allclose(ops.compression_rate(jnp.asarray(z), jnp.asarray(u), 0.5), expected, rtol=1e-5)
+
+
+def test_coding_rate_invariant_to_rotations():
+  """R depends on Z only through Z^T Z, so rotating features (Z Q) or permuting/rotating the
+  token axis (Q' Z) leaves it unchanged; R^c is invariant when U rotates with Z."""
+  k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(0), 4)
+  z = jax.random.normal(k1, (16, 8))
+  u = jax.random.normal(k2, (8, 2, 4))
+  q_feat, q_tok = _random_orthogonal(k3, 8), _random_orthogonal(k4, 16)
+  r = ops.coding_rate(z)
+  np.testing.assert_allclose(ops.coding_rate(z @ q_feat), r, rtol=1e-5)
+  np.testing.assert_allclose(ops.coding_rate(q_tok @ z), r, rtol=1e-5)
+  rc = ops.compression_rate(z, u)
+  np.testing.assert_allclose(ops.compression_rate(z @ q_feat, jnp.einsum("dkp,de->ekp", u, q_feat)), rc, rtol=1e-5)
+  np.testing.assert_allclose(ops.compression_rate(q_tok @ z, u), rc, rtol=1e-5)
+  # ... but not, in general, when only Z rotates: R^c measures alignment with the subspaces.
+  assert abs(float(ops.compression_rate(z @ q_feat, u) - rc)) > 1e-3
+
+
+def test_compression_with_one_full_subspace_equals_coding_rate():
+  """K = 1, U = I_d (p = d): R^c(Z | U) = R(Z), since the factors p/(N eps^2) and d/(N eps^2) agree."""
+  z = jax.random.normal(jax.random.PRNGKey(3), (3, 10, 6))
+  u = jnp.eye(6)[:, None, :]
+  np.testing.assert_allclose(ops.compression_rate(z, u, 0.7), ops.coding_rate(z, 0.7), rtol=1e-6)
+
+
+def test_published_measure_normalises_tokens_and_uses_eps_sq():
+  rng = np.random.default_rng(2)
+  w = rng.normal(size=(2, 9, 3, 4))
+  x = w / np.linalg.norm(w, axis=-1, keepdims=True)
+  expected = [sum(0.5 * np.linalg.slogdet(np.eye(9) + 4 / (9 * 0.01) * x[b, :, k] @ x[b, :, k].T)[1]
+                  for k in range(3)) for b in range(2)]
+  np.testing.assert_allclose(ops.published_compression_measure(jnp.asarray(w)), expected, rtol=1e-5)
+  # Scale-free per token.
+  np.testing.assert_allclose(ops.published_compression_measure(jnp.asarray(w * 7.0)), expected, rtol=1e-5)
+
+
+def test_logdet_in_float32_for_bfloat16_inputs():
+  z = jax.random.normal(jax.random.PRNGKey(4), (32, 16))
+  r16 = ops.coding_rate(z.astype(jnp.bfloat16))
+  assert r16.dtype == jnp.float32
+  np.testing.assert_allclose(r16, ops.coding_rate(z), rtol=2e-2)
+
+
+def test_ista_two_matmul_equals_three_matmul():
+  k1, k2 = jax.random.split(jax.random.PRNGKey(5))
+  x, d = jax.random.normal(k1, (4, 7, 12)), jax.random.normal(k2, (12, 12)) * 0.3
+  np.testing.assert_allclose(ops.crate_ista(x, d), ops.crate_ista_three_matmul(x, d), atol=1e-5)
+
+
+@pytest.mark.parametrize("m", [12, 48])
+def test_ista_step_does_not_increase_nonnegative_lasso(m):
+  """Proximal-gradient descent lemma: with eta <= 1/||D||^2 every step lowers (or keeps)
+  lam ||a||_1 + 1/2 ||x - D a||^2 over a >= 0."""
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(6), 3)
+  d = jax.random.normal(k1, (12, m))
+  x = jax.random.normal(k2, (64, 12))
+  a = jax.nn.relu(jax.random.normal(k3, (64, m)))
+  eta = 1.0 / float(jnp.linalg.norm(d, 2)) ** 2
+  objective = lambda a: ops.lasso_objective(x, a, d, lam=0.1)
+  for _ in range(20):
+    a_next = ops.ista_step(x, a, d, eta, 0.1)
+    assert bool(jnp.all(a_next >= 0))
+    assert bool(jnp.all(objective(a_next) <= objective(a) + 1e-5))
+    a = a_next
+  # A step far too large does increase it: the bound is not vacuous.
+  big = ops.ista_step(x, a, d, 50 * eta, 0.1)
+  assert bool(jnp.any(objective(big) > objective(a)))
+
+
+def test_overcomplete_ista_matches_published_block():
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(7), 3)
+  x = jax.random.normal(k1, (3, 5, 8))
+  d, d1 = jax.random.normal(k2, (8, 32)), jax.random.normal(k3, (8, 32))
+  eta, lam = 0.1, 0.1
+  z1 = jax.nn.relu(eta * x @ d - eta * lam)
+  z2 = jax.nn.relu(z1 - eta * (z1 @ d.T - x) @ d - eta * lam)
+  np.testing.assert_allclose(ops.overcomplete_ista(x, d, d1, eta, lam), z2 @ d1.T, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="num_steps"):
+    ops.overcomplete_ista(x, d, d1, num_steps=0)
+
+
+def test_mssa_paper_equals_column_form_definition():
+  """MSSA(Z) = sum_k U_k (U_k^T Z) softmax((U_k^T Z)^T (U_k^T Z)), columns as tokens."""
+  rng = np.random.default_rng(8)
+  z, u = rng.normal(size=(10, 6)) * 0.5, rng.normal(size=(6, 2, 3)) * 0.5
+  zc = z.T  # d x N
+  expected = np.zeros_like(zc)
+  for k in range(2):
+    w = u[:, k].T @ zc  # p x N
+    g = w.T @ w
+    s = np.exp(g - g.max(axis=0, keepdims=True))
+    s /= s.sum(axis=0, keepdims=True)  # softmax over each column
+    expected += u[:, k] @ (w @ s)
+  got, _, _ = ops.mssa_paper(jnp.asarray(z), jnp.asarray(u))
+  np.testing.assert_allclose(got, expected.T, rtol=1e-5, atol=1e-5)
+  step, _, _ = ops.mssa_paper_step(jnp.asarray(z), jnp.asarray(u), kappa=0.5, eps=2.0)
+  c = 0.5 * 3 / (10 * 4.0)
+  np.testing.assert_allclose(step, (1 - c) * z + c * expected.T, rtol=1e-5, atol=1e-5)
+
+
+def test_mssa_published_matches_explicit_heads():
+  rng = np.random.default_rng(9)
+  x, u = rng.normal(size=(2, 5, 8)), rng.normal(size=(8, 2, 3))
+  o, bias = rng.normal(size=(2, 3, 7)), rng.normal(size=(7,))
+  y, w, attn = ops.mssa_published(jnp.asarray(x), jnp.asarray(u), jnp.asarray(o), jnp.asarray(bias))
+  expected = np.zeros((2, 5, 7))
+  for k in range(2):
+    wk = x @ u[:, k]
+    logits = wk @ np.swapaxes(wk, -1, -2) / np.sqrt(3)
+    a = np.exp(logits - logits.max(-1, keepdims=True))
+    a /= a.sum(-1, keepdims=True)
+    np.testing.assert_allclose(attn[:, k], a, rtol=1e-5, atol=1e-6)
+    expected += (a @ wk) @ o[k]
+  np.testing.assert_allclose(y, expected + bias, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(w, np.einsum("bnd,dkp->bnkp", x, u), rtol=1e-5, atol=1e-6)
+
+
+def test_functions_work_under_jit_vmap_grad():
+  z = jax.random.normal(jax.random.PRNGKey(10), (4, 9, 6))
+  u = jax.random.normal(jax.random.PRNGKey(11), (6, 2, 3))
+  batched = jax.jit(ops.sparse_rate_reduction)(z, u)
+  per_example = jax.vmap(lambda zi: ops.sparse_rate_reduction(zi, u))(z)
+  np.testing.assert_allclose(batched, per_example, rtol=1e-5)
+  grad = jax.grad(lambda z: ops.sparse_rate_reduction(z, u).sum())(z)
+  assert grad.shape == z.shape and bool(jnp.all(jnp.isfinite(grad)))
+
+
+def test_sparsity_measures():
+  z = jnp.array([[[0.0, 1.0], [-2.0, 0.0]], [[0.0, 0.0], [0.0, 3.0]]])
+  np.testing.assert_allclose(ops.nonzero_fraction(z), [0.5, 0.25])
+  np.testing.assert_allclose(ops.l1_norm(z), [3.0, 3.0])
