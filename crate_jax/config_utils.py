@@ -1,0 +1,246 @@
+"""The config schema and its helpers: `get_config` arguments, model fields, validation.
+
+Every config starts from `base_config()`, which is locked: assigning a field it does not
+define (a typo in a config file) fails where it happens, and so does an unknown
+`--config.field` on the command line. `validate` re-checks a finished config against the
+schema, for configs assembled in a notebook, and checks the values that only make sense
+together.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_dict
+
+from crate_jax import optim
+from crate_jax.data import pipeline
+from crate_jax.models import MODELS
+
+# Fields of a model that the trainer sets from `config.input`.
+INPUT_DERIVED_MODEL_FIELDS = ("num_classes", "image_size")
+# String annotations of the models' optional fields -> the type a CLI override parses to.
+_OPTIONAL_TYPES = {"Optional[int]": int, "Optional[str]": str, "Optional[Sequence[int]]": tuple}
+
+
+# Mesh axes: data parallelism, parameter sharding (FSDP/ZeRO-3) and tensor parallelism.
+MESH_AXES = (("data", -1), ("fsdp", 1), ("tensor", 1))
+# Logical axis -> mesh axes, in priority order: an array dimension takes the first rule
+# whose mesh axes its other dimensions do not already use. So activations
+# (batch, tokens, embed) shard the batch over data x fsdp and keep `embed` whole, while
+# parameters shard `embed` over fsdp.
+SHARDING_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("dict", "tensor"),
+    ("classes", "tensor"),
+    ("head_dim", None),
+    ("tokens", None),
+    ("patch", None),
+    ("layers", None),
+)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All fields a config may set, with defaults; locked. Units: steps unless said."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # Parameters, data order and augmentation.
+  c.model_name = "crate"  # crate | crate_alpha | vit
+  c.model = ml_collections.ConfigDict()  # model_config(model_name, ...): its fields.
+  c.input = pipeline.default_input_config()
+
+  # Duration: `*_steps` wins over `*_epochs` (so `--config.total_steps=N` overrides).
+  c.total_steps = config_dict.placeholder(int)
+  c.total_epochs = config_dict.placeholder(float)
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="adamw",  # lion | adamw | adam
+      lr=1e-3,  # Peak learning rate.
+      b1=0.9, b2=0.999, eps=1e-8,  # eps: Adam only.
+      weight_decay=0.0,  # Decoupled, multiplied by the learning rate.
+      decay_regex=optim.DEFAULT_DECAY_REGEX,  # Parameters (paths) that decay.
+      grad_clip_norm=0.0,  # Clip the global gradient norm; 0: off.
+  ))
+  c.schedule = ml_collections.ConfigDict(dict(
+      name="cosine",  # cosine | linear | constant (after the linear warmup)
+      warmup_steps=config_dict.placeholder(int),
+      warmup_epochs=config_dict.placeholder(float),  # Neither set: no warmup.
+      end_lr=0.0,
+  ))
+  c.label_smoothing = 0.0
+  c.grad_accum_steps = 1  # Microbatches per update (global batch / this each).
+
+  c.log_every_steps = 50
+  c.eval_every_steps = 1000  # 0: only at the end.
+  c.rate_reduction_every_steps = 0  # Layer-wise rate reduction; 0: only at the end.
+  c.rate_reduction_num_images = 64  # Fixed eval images it is measured on; 0: off.
+  c.checkpoint_every_steps = 1000  # 0: only at the end (and on preemption).
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      max_to_keep=3,  # The latest checkpoints kept...
+      keep_period=0,  # ...and every step that is a multiple of this (0: none).
+      async_save=True,
+  ))
+  # Fine-tuning: start from a checkpoint instead of a random init (see finetune.py).
+  c.init = ml_collections.ConfigDict(dict(
+      checkpoint="",  # A workdir, a step directory, or a published file.
+      format="workdir",  # workdir (ours, orbax) | published (crate_jax.convert).
+  ))
+
+  c.mesh = ml_collections.ConfigDict(dict(axes=MESH_AXES, dcn_data=1))
+  c.sharding = ml_collections.ConfigDict(dict(rules=SHARDING_RULES))
+  c.peak_tflops_per_device = 0.0  # For MFU, e.g. 989 for H100 bf16; 0: no MFU.
+  c.profile = ml_collections.ConfigDict(dict(
+      num_steps=0,  # Steps per profile (TensorBoard trace in workdir); 0: off.
+      first_step=10,
+      every_secs=3600.0,
+  ))
+  c.lock()
+  return c
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses `get_config`'s argument 'key=value,key=value' over typed defaults.
+
+  `parse_arg("variant=S/16,epochs=10", variant="B/16", epochs=150)` gives
+  `{variant: 'S/16', epochs: 10}`; values take the type of their default and unknown
+  keys are errors (big_vision's convention).
+  """
+  parsed = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep:
+      raise ValueError(f"Config argument {item!r} is not key=value (in {arg!r}).")
+    if key not in defaults:
+      raise ValueError(f"Unknown config argument {key!r} in {arg!r}; known: {sorted(defaults)}.")
+    kind = type(defaults[key])
+    if kind is bool:
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"Config argument {key}={value!r} must be true or false.")
+      parsed[key] = value.lower() in ("true", "1")
+    else:
+      try:
+        parsed[key] = kind(value)
+      except ValueError as e:
+        raise ValueError(f"Config argument {key}={value!r} is not a {kind.__name__}.") from e
+  return parsed
+
+
+def _model_class(name: str) -> type:
+  if name not in MODELS:
+    raise ValueError(f"Unknown model_name {name!r}; choose one of {MODELS}.")
+  return importlib.import_module(f"crate_jax.models.{name}").Model
+
+
+def model_config(name: str, **fields: Any) -> ml_collections.ConfigDict:
+  """A locked ConfigDict with every field of model `name`, defaults overridden by `fields`.
+
+  Listing all fields (typed, also the unset optional ones) lets the command line
+  override any of them (`--config.model.dim_head=32`) and rejects misspelt ones.
+  `num_classes` and `image_size` come from `config.input`; `dtype` is a string.
+  """
+  config = ml_collections.ConfigDict()
+  for field in dataclasses.fields(_model_class(name)):
+    if field.name in ("parent", "name") + INPUT_DERIVED_MODEL_FIELDS:
+      continue
+    if field.name == "dtype":
+      value = "float32"
+    elif field.default is None:
+      if field.type not in _OPTIONAL_TYPES:
+        raise NotImplementedError(f"No config type for {name}.{field.name}: {field.type}.")
+      value = config_dict.placeholder(_OPTIONAL_TYPES[field.type])
+    else:
+      value = field.default
+    config[field.name] = value
+  for key, value in fields.items():
+    if key not in config:
+      raise ValueError(f"Model {name!r} has no field {key!r}; fields: {sorted(config)}.")
+    config[key] = value
+  config.lock()
+  return config
+
+
+def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Keyword arguments of `crate_jax.models.get_model(config.model_name, ...)`."""
+  kwargs = config.model.to_dict()
+  kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
+  kwargs["num_classes"] = config.input.num_classes
+  kwargs["image_size"] = config.input.image_size
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+
+
+def steps(config: ml_collections.ConfigDict, prefix: str, steps_per_epoch: float,
+          default: int | None = None) -> int:
+  """`{prefix}_steps` if set, else `{prefix}_epochs` converted with the dataset size."""
+  step_count, epochs = config.get(f"{prefix}_steps"), config.get(f"{prefix}_epochs")
+  if step_count is not None:
+    return int(step_count)
+  if epochs is not None:
+    return int(round(epochs * steps_per_epoch))
+  if default is None:
+    raise ValueError(f"Set {prefix}_steps or {prefix}_epochs.")
+  return default
+
+
+def _flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> set[str]:
+  keys = set()
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict) and value:
+      keys |= _flat_keys(value, f"{prefix}{key}.")
+    else:
+      keys.add(f"{prefix}{key}")
+  return keys
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first problem: unknown fields or inconsistent values."""
+  known = _flat_keys(base_config()) | {f"model.{k}" for k in model_config(config.model_name)}
+  unknown = sorted(_flat_keys(config) - known)
+  if unknown:
+    raise ValueError(f"Unknown config field(s) {unknown}: not in config_utils.base_config() "
+                     f"or the fields of model {config.model_name!r}.")
+  if config.optimizer.name not in optim.OPTIMIZERS:
+    raise ValueError(f"Unknown optimizer.name {config.optimizer.name!r}; choose one of "
+                     f"{optim.OPTIMIZERS}.")
+  if config.schedule.name not in optim.SCHEDULES:
+    raise ValueError(f"Unknown schedule.name {config.schedule.name!r}; choose one of "
+                     f"{optim.SCHEDULES}.")
+  try:
+    re.compile(config.optimizer.decay_regex)
+  except re.error as e:
+    raise ValueError(f"optimizer.decay_regex {config.optimizer.decay_regex!r}: {e}") from e
+  for name in ("grad_accum_steps", "log_every_steps"):
+    if config[name] < 1:
+      raise ValueError(f"{name} must be >= 1, got {config[name]}.")
+  for name in ("eval_every_steps", "checkpoint_every_steps", "rate_reduction_every_steps"):
+    if config[name] < 0:
+      raise ValueError(f"{name} must be >= 0 (0: only at the end), got {config[name]}.")
+  if config.checkpoint.max_to_keep < 1:
+    raise ValueError(f"checkpoint.max_to_keep must be >= 1, got {config.checkpoint.max_to_keep}.")
+  if config.init.checkpoint and config.init.format not in ("workdir", "published"):
+    raise ValueError(f"init.format must be 'workdir' or 'published', got {config.init.format!r}.")
+  if not 0.0 <= config.label_smoothing < 1.0:
+    raise ValueError(f"label_smoothing must be in [0, 1), got {config.label_smoothing}.")
+  jnp.dtype(config.model.dtype)  # Raises TypeError naming an unknown dtype.
+
+
+def validate_batch(config: ml_collections.ConfigDict, batch_shards: int) -> None:
+  """The global batch must split into microbatches, and those over the batch shards."""
+  batch, accum = config.input.global_batch_size, config.grad_accum_steps
+  if batch % accum:
+    raise ValueError(f"input.global_batch_size={batch} is not divisible by "
+                     f"grad_accum_steps={accum}.")
+  if (batch // accum) % batch_shards:
+    raise ValueError(
+        f"The microbatch (input.global_batch_size / grad_accum_steps = {batch // accum}) is not "
+        f"divisible by the {batch_shards} shards of the batch axis ({jax.device_count()} "
+        f"devices, mesh and sharding rules of the config).")
+  if config.input.eval_batch_size % batch_shards:
+    raise ValueError(f"input.eval_batch_size={config.input.eval_batch_size} is not divisible by "
+                     f"the {batch_shards} shards of the batch axis.")

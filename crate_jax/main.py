@@ -1,0 +1,73 @@
+r"""Trains a model: `python -m crate_jax.main --config=CONFIG[:ARG] --workdir=DIR [overrides]`.
+
+    python -m crate_jax.main --config=configs/demo.py --workdir=/tmp/crate_demo
+    python -m crate_jax.main --config=configs/imagenet.py:variant=S/16 --workdir=$WORKDIR \
+        --config.input.data_dir=$TFDS_DATA_DIR --config.total_epochs=10
+
+Any config field can be overridden with `--config.<field>=<value>`; unknown fields and
+values of the wrong type are errors. Rerunning a command resumes from the workdir's
+latest checkpoint. Multi-process jobs: see `crate_jax.distributed` (flags or detection).
+"""
+import logging as std_logging
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from crate_jax import checkpointing
+from crate_jax import config_utils
+from crate_jax import distributed
+from crate_jax import train
+from crate_jax.data import pipeline
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, optionally with an argument: configs/imagenet.py:variant=B/16.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and plots.")
+flags.mark_flags_as_required(["config", "workdir"])
+distributed.define_flags()
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, reporting an unknown `--config.<field>` without a traceback."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    message = str(e).replace("\\'", "'")
+    for arg in argv:
+      path = arg.partition("=")[0].split(".")
+      field = next((f for f in path[1:] if f"'{f}'" in message), None)
+      if path[0] == "--config" and field:
+        hint = message[message.find("Did you mean"):] if "Did you mean" in message else ""
+        sys.exit(f"FATAL Flags parsing error: unknown config field {field!r} in {arg}. "
+                 + hint.rstrip("'\""))
+    raise  # An error inside the config file: its traceback says where.
+
+
+class _QuietCheckpointLibrary(std_logging.Filter):
+  """Hides orbax's INFO lines (dozens per save) so that the training progress stays visible."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}.")
+  logging.get_absl_handler().addFilter(_QuietCheckpointLibrary())
+  try:
+    config_utils.validate(_CONFIG.value)
+  except ValueError as e:
+    sys.exit(f"FATAL Config error: {e}")
+  distributed.initialize_from_flags()
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (pipeline.DatasetNotPreparedError, checkpointing.CheckpointError,
+          train.TrainingDivergedError) as e:
+    sys.exit(f"FATAL {type(e).__name__}: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,225 @@
+"""The training loop end to end on a tiny model and dataset (crate_jax.train, crate_jax.main).
+
+Covers: a run leaving checkpoints, TensorBoard files and the rate-reduction plot; resuming a
+mid-run checkpoint ends bitwise where an uninterrupted run ends; SIGTERM saves and exits 0,
+and a rerun continues; divergence stops without saving; a missing dataset; exact evaluation
+over uneven batches; gradient accumulation equals the big-batch step; fine-tuning init.
+"""
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import demo
+from crate_jax import config_utils
+from crate_jax import optim
+from crate_jax import sharding
+from crate_jax import train
+from crate_jax.data import pipeline
+from crate_jax.data import shapes
+from crate_jax.models import get_model
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = shapes.CrateShapesConfig(name="train_tiny", image_size=16, train_size=96, test_size=70)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  path = tmp_path_factory.mktemp("tfds")
+  shapes.build(TINY, path)
+  return path
+
+
+def tiny_config(data_dir, **overrides):
+  """configs/demo.py shrunk: 16 px images, width 16, 2 layers, 8 steps of 16 images."""
+  config = demo.get_config("width=16,depth=2,heads=2,patch=4,steps=8")
+  config.input.dataset = f"crate_shapes/{TINY.name}"
+  config.input.data_dir = str(data_dir)
+  config.input.image_size = 16
+  config.input.global_batch_size = 16
+  config.input.eval_batch_size = 32  # 70 test images: 3 batches, the last one padded.
+  config.input.num_threads = 1
+  config.schedule.warmup_steps = 2
+  config.log_every_steps = 2
+  config.eval_every_steps = 0
+  config.rate_reduction_every_steps = 0
+  config.rate_reduction_num_images = 0  # Measured (and plotted) where a test says so.
+  config.checkpoint_every_steps = 4
+  for key, value in overrides.items():
+    *parents, name = key.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[name] = value
+  return config
+
+
+def _checkpoint_steps(workdir):
+  return sorted(int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit())
+
+
+def _params(workdir, step):
+  restored = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
+  return jax.device_get(restored["params"])
+
+
+def test_resumed_run_ends_bitwise_like_an_uninterrupted_one(data_dir, tmp_path):
+  uninterrupted = tmp_path / "uninterrupted"
+  final = train.train_and_evaluate(tiny_config(data_dir, rate_reduction_num_images=8),
+                                   str(uninterrupted))
+  assert int(final.step) == 8
+  assert _checkpoint_steps(uninterrupted) == [4, 8]
+  for name in ("config.json", "rate_reduction.png"):
+    assert (uninterrupted / name).stat().st_size > 0
+  assert any(p.startswith("events.out.tfevents") for p in os.listdir(uninterrupted))
+
+  # A run stopped after step 4: its workdir as the uninterrupted run left it then.
+  resumed = tmp_path / "resumed"
+  (resumed / "checkpoints").mkdir(parents=True)
+  shutil.copytree(uninterrupted / "checkpoints" / "4", resumed / "checkpoints" / "4")
+  train.train_and_evaluate(tiny_config(data_dir), str(resumed))
+
+  assert _checkpoint_steps(resumed) == [4, 8]
+  expected, actual = _params(uninterrupted, 8), _params(resumed, 8)
+  jax.tree.map(np.testing.assert_array_equal, actual, expected)
+  jax.tree.map(np.testing.assert_array_equal, final.params, expected)
+
+  # total_steps=0 evaluates the latest checkpoint and redraws the plot, changing nothing else.
+  (uninterrupted / "rate_reduction.png").unlink()
+  evaluated = train.train_and_evaluate(
+      tiny_config(data_dir, rate_reduction_num_images=8, total_steps=0), str(uninterrupted))
+  jax.tree.map(np.testing.assert_array_equal, evaluated.params, expected)
+  assert (uninterrupted / "rate_reduction.png").exists()
+  assert _checkpoint_steps(uninterrupted) == [4, 8]
+
+
+def test_diverging_learning_rate_stops_without_saving(data_dir, tmp_path):
+  config = tiny_config(data_dir, checkpoint_every_steps=1)
+  config.schedule.warmup_steps = 0
+  config.optimizer.lr = 1e30  # Parameters of 1e30 overflow float32 in the next forward pass.
+  with pytest.raises(train.TrainingDivergedError, match=r"diverged at step 2: loss = nan"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert _checkpoint_steps(tmp_path) == [1]
+
+
+def test_missing_dataset_says_how_to_prepare_it(tmp_path):
+  config = tiny_config(tmp_path / "empty_data_dir")
+  config.input.dataset = "cifar10"
+  with pytest.raises(pipeline.DatasetNotPreparedError,
+                     match=r"(?s)Dataset 'cifar10' .*tfds build cifar10"):
+    train.train_and_evaluate(config, str(tmp_path / "workdir"))
+
+
+def _run_main(workdir, data_dir, *flags, **popen_kwargs):
+  command = [sys.executable, "-m", "crate_jax.main",
+             "--config=configs/demo.py:width=16,depth=2,heads=2,patch=4",
+             f"--workdir={workdir}", f"--config.input.dataset=crate_shapes/{TINY.name}",
+             f"--config.input.data_dir={data_dir}", "--config.input.image_size=16",
+             "--config.input.global_batch_size=16", "--config.input.eval_batch_size=32",
+             "--config.schedule.warmup_steps=2", "--config.log_every_steps=1",
+             "--config.eval_every_steps=0", "--config.rate_reduction_num_images=0", *flags]
+  return subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True, **popen_kwargs)
+
+
+def test_sigterm_saves_exits_cleanly_and_a_rerun_continues(data_dir, tmp_path):
+  # A shared compilation cache spares the rerun most of its compilation.
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))
+  process = _run_main(tmp_path, data_dir, "--config.total_steps=100000",
+                      "--config.checkpoint_every_steps=0", env=env)
+  log = []
+  for line in process.stderr:  # Wait until training runs, then preempt it.
+    log.append(line)
+    if "steps/s" in line:
+      process.send_signal(signal.SIGTERM)
+      break
+  log.extend(process.stderr)
+  assert process.wait(timeout=120) == 0, "".join(log[-30:])
+  saved = re.search(r"saved the checkpoint of step (\d+)", "".join(log))
+  assert saved, "".join(log[-30:])
+  step = int(saved.group(1))
+  assert _checkpoint_steps(tmp_path) == [step]
+
+  rerun = _run_main(tmp_path, data_dir, f"--config.total_steps={step + 2}", env=env)
+  _, err = rerun.communicate(timeout=300)
+  assert rerun.returncode == 0, err[-3000:]
+  assert f"Resuming at step {step}" in err
+  assert _checkpoint_steps(tmp_path)[-1] == step + 2
+  assert "eval/top1=" in err
+
+
+def _tiny_setup(data_dir):
+  config = tiny_config(data_dir)
+  model = get_model(config.model_name, **config_utils.model_kwargs(config))
+  mesh, rules = sharding.create_mesh(config), sharding.logical_rules(config)
+  schedule = optax.constant_schedule(1e-3)
+  tx = optim.create_optimizer(config.optimizer, schedule, train.abstract_params(model, 16))
+  return config, model, mesh, rules, schedule, tx
+
+
+def test_gradient_accumulation_equals_the_big_batch_step(data_dir):
+  batch = next(pipeline.make_train_iterator(tiny_config(data_dir).input, seed=0))
+  _, model, mesh, rules, schedule, tx = _tiny_setup(data_dir)
+  with sharding.use_mesh(mesh, rules):
+    abstract, specs = train.abstract_train_state(model, tx, 16)
+    shardings = sharding.state_shardings(specs, abstract, mesh, rules)
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    initial = train.create_train_state(model, tx, 16, 0, shardings)
+    results = []
+    for accum in (1, 4):
+      step = train.make_train_step(model, tx, schedule, shardings, batch_sharding,
+                                   label_smoothing=0.1, grad_accum_steps=accum)
+      state = jax.tree.map(jnp.copy, initial)  # The step donates its input.
+      state, metrics = step(state, sharding.put_batch(batch, batch_sharding))
+      results.append((jax.device_get(state.params), jax.device_get(metrics.compute())))
+  (params_1, metrics_1), (params_4, metrics_4) = results
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               params_4, params_1)
+  for name in ("loss", "grad_norm", "update_norm"):
+    np.testing.assert_allclose(metrics_4[name], metrics_1[name], rtol=1e-4)
+
+
+def test_evaluation_counts_every_example_once_over_uneven_batches(data_dir):
+  config, model, mesh, rules, _, tx = _tiny_setup(data_dir)
+  with sharding.use_mesh(mesh, rules):
+    abstract, specs = train.abstract_train_state(model, tx, 16)
+    shardings = sharding.state_shardings(specs, abstract, mesh, rules)
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    state = train.create_train_state(model, tx, 16, 0, shardings)
+    results = train.evaluate(train.make_evaluator(model, shardings.params, batch_sharding),
+                             state.params, config.input, batch_sharding)
+  batches = list(pipeline.make_eval_iterator(config.input))
+  assert [len(b["label"]) for b in batches] == [32, 32, 32]
+  images = np.concatenate([b["image"][b["mask"] > 0] for b in batches])
+  labels = np.concatenate([b["label"][b["mask"] > 0] for b in batches])
+  logits, _ = jax.jit(model.apply)({"params": state.params}, images)
+  assert results["num_examples"] == len(labels) == TINY.test_size
+  np.testing.assert_allclose(results["top1"], np.mean(np.argmax(logits, -1) == labels), rtol=1e-6)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  np.testing.assert_allclose(results["loss"], loss, rtol=1e-5)
+
+
+def test_pretrained_parameters_fit_a_new_head_and_resolution(data_dir):
+  _, model, *_ = _tiny_setup(data_dir)
+  pretrained = flax.linen.unbox(jax.device_get(
+      jax.jit(model.init)(jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 3)))["params"]))
+  target = train.abstract_params(model.clone(num_classes=7, image_size=24, scan_layers=True), 24)
+  adapted = train.adapt_pretrained(pretrained, target)
+  assert ("head", "kernel") not in adapted and ("head", "bias") not in adapted
+  assert adapted[("pos_embedding",)].shape == (1, 1 + 6 * 6, 16)
+  np.testing.assert_array_equal(adapted[("pos_embedding",)][:, 0],
+                                pretrained["pos_embedding"][:, 0])
+  np.testing.assert_array_equal(adapted[("encoder", "layers", "ista", "D")][1],
+                                pretrained["encoder"]["layer_1"]["ista"]["D"])
+  with pytest.raises(ValueError, match="do not fit config.model"):
+    train.adapt_pretrained(pretrained, train.abstract_params(model.clone(width=32), 16))
