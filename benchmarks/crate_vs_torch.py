@@ -28,11 +28,11 @@ faster).
     python benchmarks/crate_vs_torch.py --configs=t16 --batch=16 --torch_compile=off
     python benchmarks/crate_vs_torch.py --configs=small --width=256 --depth=4 --heads=4
 
-Recorded results (2026-xx, AMD EPYC (Zen 3, KVM), 2 cores / 2 threads, 23 GiB, Python 3.11,
+Environment of the runs so far (AMD EPYC (Zen 3, KVM), 2 cores / 2 threads, 23 GiB, Python 3.11,
 jax/jaxlib 0.10.2, flax 0.12.8, optax 0.2.8, torch 2.13.0+cpu (MKL 2024.2, oneDNN 3.12),
 float32, default XLA flags; machine shared, load average given per run):
 
-    RESULTS_PLACEHOLDER
+    No results recorded yet: the machine was shared (load 5-10) during every run so far.
 """
 from __future__ import annotations
 
