@@ -56,7 +56,7 @@ DEFAULT_TORCH_REF = "../shared/reference/torch_crate.py"  # relative to the repo
 # Presets. t16: CRATE-T/16 at 224 px (197 tokens, 1000 classes); small: a CIFAR-sized CRATE.
 CONFIGS: dict[str, dict[str, int]] = {
     "t16": dict(width=384, depth=12, heads=6, image_size=224, patch=16, batch=32, num_classes=1000,
-                steps=2),
+                steps=1),
     "small": dict(width=192, depth=6, heads=3, image_size=32, patch=4, batch=128, num_classes=10,
                   steps=5),
 }
@@ -398,8 +398,8 @@ def check_equivalence(js: JaxSide, ts: TorchSide, depth: int, rtol: float) -> di
   return res
 
 
-def time_rounds(sides: dict[str, Callable[[], Any]], steps: int,
-                repeats: int) -> dict[str, dict[str, list[float]]]:
+def time_rounds(sides: dict[str, Callable[[], Any]], steps: int, repeats: int,
+                label: str = "") -> dict[str, dict[str, list[float]]]:
   """Wall and process-CPU ms/step per round for each side.
 
   The sides are interleaved, their order alternating per round, so that a change of
@@ -416,6 +416,9 @@ def time_rounds(sides: dict[str, Callable[[], Any]], steps: int,
         fn()
       out[n]["wall"].append((time.perf_counter() - t0) * 1e3 / steps)
       out[n]["cpu"].append((time.process_time() - c0) * 1e3 / steps)
+    print(f"  {label} round {r + 1}/{repeats}: "
+          + ", ".join(f"{n} {v['wall'][-1]:.0f}" for n, v in out.items()) + " ms/step, load "
+          + fmt_load(loadavg()), flush=True)
   return out
 
 
@@ -518,7 +521,7 @@ def run_config(name: str, cfg: dict[str, int], args: argparse.Namespace, ref) ->
           result.setdefault("train_loss_trajectory_rel_diff", {})[n] = dev
           print(f"train losses of the first {len(ls)} steps, {n}: {[round(x, 5) for x in ls]}, "
                 f"torch: {[round(x, 5) for x in losses['torch']]} (max rel diff {dev:.1e})")
-    rounds = time_rounds(fns, cfg["steps"], args.repeats)
+    rounds = time_rounds(fns, cfg["steps"], args.repeats, label=f"{name} {mode}")
     result[mode] = {n: summarize(r, b) for n, r in rounds.items()}
     print(f"{mode} timed, load {fmt_load(loadavg())}", flush=True)
   result["load_after"] = loadavg()
@@ -605,6 +608,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = dict(CONFIGS[name])
     cfg.update({k: getattr(args, k) for k in OVERRIDABLE if getattr(args, k) is not None})
     results["configs"][name] = run_config(name, cfg, args, ref)
+    if args.json:  # after every preset, so that a long run leaves its finished part
+      Path(args.json).write_text(json.dumps(results, indent=1))
   if args.json:
     Path(args.json).write_text(json.dumps(results, indent=1))
     print(f"\nwrote {args.json}")
