@@ -30,9 +30,9 @@ faster).
 
 Environment of the runs so far (AMD EPYC (Zen 3, KVM), 2 cores / 2 threads, 23 GiB, Python 3.11,
 jax/jaxlib 0.10.2, flax 0.12.8, optax 0.2.8, torch 2.13.0+cpu (MKL 2024.2, oneDNN 3.12),
-float32, default XLA flags; machine shared, load average given per run):
+float32, default XLA flags, nothing else running):
 
-    No results recorded yet: the machine was shared (load 5-10) during every run so far.
+    Results: benchmarks/README.md (crate_jax 1.2x faster per train step, 1.2-1.6x forward).
 """
 from __future__ import annotations
 
@@ -87,6 +87,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  help="path of torch_crate.py, absolute or relative to the repo root")
   p.add_argument("--torch_compile", choices=("auto", "on", "off"), default="auto",
                  help="also time torch.compile; auto: try it and skip it if it fails")
+  p.add_argument("--reuse_host_memory", type=lambda v: v.lower() in ("1", "true", "yes"),
+                 default=True,
+                 help="crate_jax.host_memory.reuse_freed_memory() first, as crate_jax.main does "
+                 "(both sides run in this process, so both get it). false: glibc defaults.")
   p.add_argument("--omp_wait_policy", choices=("PASSIVE", "ACTIVE", "unset"), default="PASSIVE",
                  help="OMP_WAIT_POLICY for torch's OpenMP threads, set before torch is imported "
                       "unless already in the environment. PASSIVE (default): on a shared, "
@@ -591,6 +595,10 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
   sys.path.insert(0, str(REPO_ROOT))
+  host_memory_reused = False
+  if args.reuse_host_memory:  # Before JAX or torch start threads.
+    from crate_jax import host_memory
+    host_memory_reused = host_memory.reuse_freed_memory()
   ref = None
   if "torch" in args.frameworks:
     if args.omp_wait_policy != "unset":
@@ -602,6 +610,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       import torch
       torch.set_num_threads(args.threads)
   env = environment(args)
+  env["host_memory_reused"] = host_memory_reused
   print("environment:", json.dumps(env))
   results: dict[str, Any] = dict(environment=env, configs={})
   for name in args.configs:

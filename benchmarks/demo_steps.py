@@ -20,6 +20,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from crate_jax import config_utils
+from crate_jax import host_memory
 from crate_jax import optim
 from crate_jax import sharding
 from crate_jax import train
@@ -32,6 +33,7 @@ _STEPS = flags.DEFINE_integer("steps", 100, "Timed steps per measurement.")
 
 def main(argv):
   del argv
+  host_memory.reuse_freed_memory()  # As crate_jax.main does.
   config = _CONFIG.value
   config_utils.validate(config)
   pipeline.prepare_dataset(config.input)

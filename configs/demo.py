@@ -2,32 +2,35 @@ r"""CRATE on the embedded `crate_shapes/32` dataset, sized for a laptop CPU (2 c
 
     python -m crate_jax.main --config=configs/demo.py --workdir=/tmp/crate_demo
 
-Builds the dataset on first use (about 10 s), then trains a small CRATE (width 128, 4 layers
-of 4 heads, patch 4: 64 tokens) with AdamW and a cosine schedule, logging progress every 50
-steps and evaluating every 500. Leaves checkpoints, TensorBoard logs (`tensorboard
---logdir=/tmp/crate_demo`) and the layer-wise rate-reduction plot `rate_reduction.png` in
-the workdir.
+Builds the dataset on first use (20,000 training and 2,000 test images; under a minute),
+then trains a small CRATE (width 128, 4 layers of 4 heads, 8 x 8 patches: 17 tokens) for
+1,200 steps of 128 images with AdamW and a cosine schedule. Logs progress every 50 steps,
+the test accuracy every 200 and the layer-wise rate reduction every 400; leaves
+checkpoints, TensorBoard logs (`tensorboard --logdir=/tmp/crate_demo`) and the layer-wise
+rate-reduction plot `rate_reduction.png` in the workdir.
 
-Expected: test top-1 >= 90% within 8 minutes on 2 CPU cores (measured: see docs/training.md).
+Expected: test top-1 above 90% from about step 800 on; measured 93.9% at the end (93.1% at
+step 1,000), in 3 min 55 s for the whole command (dataset already built) on 2 otherwise
+idle CPU cores (docs/training.md).
 """
 from configs import common
 from crate_jax import config_utils
 
 
 def get_config(arg=None):
-  arg = config_utils.parse_arg(arg, steps=1500, width=128, depth=4, heads=4, patch=4)
+  arg = config_utils.parse_arg(arg, steps=1200, width=128, depth=4, heads=4, patch=8)
   config = common.base("crate", width=arg.width, depth=arg.depth, heads=arg.heads,
                        patch_size=(arg.patch, arg.patch))
   config.input.global_batch_size = 128
   config.input.eval_batch_size = 400
   config.total_steps = arg.steps
   config.optimizer.name = "adamw"
-  config.optimizer.lr = 1e-3
+  config.optimizer.lr = 2e-3
   config.optimizer.weight_decay = 0.05
   config.schedule.warmup_steps = 100
   config.label_smoothing = 0.1
   config.log_every_steps = 50
-  config.eval_every_steps = 500
-  config.rate_reduction_every_steps = 500
-  config.checkpoint_every_steps = 500
+  config.eval_every_steps = 200
+  config.rate_reduction_every_steps = 400
+  config.checkpoint_every_steps = 400
   return config

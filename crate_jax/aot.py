@@ -167,8 +167,12 @@ def analytic_flops_per_step(config: ml_collections.ConfigDict) -> float | None:
   size = config.input.image_size
   patches = (size // p1) * (size // p2)
   tokens = patches + 1
+  per_step = 0  # Matmuls on weights alone, once per step.
   if config.model_name == "crate":
-    weights = 2 * d * inner + 2 * d * d  # U, O; D twice (ISTA: x @ D^T, then @ D).
+    # U, O and D once: `ops.crate_ista` folds its two token matmuls into x (D - D^T D),
+    # whose D^T D is computed once per layer and step.
+    weights = 2 * d * inner + d * d
+    per_step = depth * d**3
   elif config.model_name == "crate_alpha":
     m = model.expansion * d  # D in 2 matmuls per ISTA step after the first, D1 once.
     weights = 2 * d * inner + (2 * model.num_ista_steps - 1) * d * m + d * m
@@ -178,18 +182,7 @@ def analytic_flops_per_step(config: ml_collections.ConfigDict) -> float | None:
     return None
   macs = (patches * 3 * p1 * p2 * d + depth * (tokens * weights + 2 * tokens**2 * inner)
           + d * config.input.num_classes)
-  return 3 * 2 * macs * config.input.global_batch_size
-
-
-def _cost_flops(compiled: Any) -> float | None:
-  try:
-    cost = compiled.cost_analysis()
-  except NotImplementedError:
-    return None
-  if isinstance(cost, (list, tuple)):  # Older jax: one dict per program.
-    cost = cost[0] if cost else None
-  flops = (cost or {}).get("flops")
-  return float(flops) if flops and flops > 0 else None
+  return 3 * 2 * (macs * config.input.global_batch_size + per_step)
 
 
 def analyze(config: ml_collections.ConfigDict, devices: Sequence[Any] | None = None, *,
@@ -205,10 +198,12 @@ def analyze(config: ml_collections.ConfigDict, devices: Sequence[Any] | None = N
   schedule = optim.create_schedule(config.schedule.name, base_lr=config.optimizer.lr,
                                    total_steps=1)
   start = time.perf_counter()
+  # Shapes and logical specs outside the mesh: optax builds its state template with
+  # concrete arrays, which must land on the host, not on a compile-only TPU mesh.
+  abstract_params = train.abstract_params(model, image_size)
+  tx = optim.create_optimizer(config.optimizer, schedule, abstract_params)
+  abstract, specs = train.abstract_train_state(model, tx, image_size)
   with sharding.use_mesh(mesh, rules):
-    abstract_params = train.abstract_params(model, image_size)
-    tx = optim.create_optimizer(config.optimizer, schedule, abstract_params)
-    abstract, specs = train.abstract_train_state(model, tx, image_size)
     shardings = sharding.state_shardings(specs, abstract, mesh, rules)
     batch_sharding = sharding.batch_sharding(mesh, rules)
     batch = {
@@ -224,7 +219,7 @@ def analyze(config: ml_collections.ConfigDict, devices: Sequence[Any] | None = N
   compile_seconds = time.perf_counter() - start
 
   memory = compiled.memory_analysis()
-  flops, flops_note = _cost_flops(compiled), "not reported by this backend"
+  flops, flops_note = train.compiled_flops(compiled), "not reported by this backend"
   if config.model.scan_layers:  # XLA's count takes a loop body once, not once per layer.
     flops, flops_note = None, "not comparable with scan_layers (the layer loop counts once)"
   dims = model.dims()

@@ -19,6 +19,7 @@ from ml_collections import config_flags
 from crate_jax import checkpointing
 from crate_jax import config_utils
 from crate_jax import distributed
+from crate_jax import host_memory
 from crate_jax import train
 from crate_jax.data import pipeline
 
@@ -26,6 +27,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with an argument: configs/imagenet.py:variant=B/16.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and plots.")
+_REUSE_HOST_MEMORY = flags.DEFINE_bool(
+    "reuse_host_memory", True, "Set glibc malloc so that XLA:CPU steps reuse their buffers "
+    "instead of page-faulting them in every step (see crate_jax/host_memory.py).")
 flags.mark_flags_as_required(["config", "workdir"])
 distributed.define_flags()
 
@@ -61,6 +65,8 @@ def main(argv: list[str]) -> None:
     config_utils.validate(_CONFIG.value)
   except ValueError as e:
     sys.exit(f"FATAL Config error: {e}")
+  if _REUSE_HOST_MEMORY.value:  # Before JAX starts its threads.
+    host_memory.reuse_freed_memory()
   distributed.initialize_from_flags()
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -173,6 +173,14 @@ from clu import metric_writers as clu_metric_writers  # pylint: disable=g-import
 clu_metric_writers.MetricWriter.register(TensorBoardWriter)
 
 
+class _TextLogWriter(clu_metric_writers.LoggingWriter):
+  """clu's LoggingWriter, minus raw summaries (TensorBoard layouts): a log line of their
+  tensor shapes tells a reader nothing."""
+
+  def write_summaries(self, step, values, metadata=None) -> None:
+    del step, values, metadata
+
+
 def create_default_writer(logdir: str | os.PathLike[str] | None, *, just_logging: bool = False,
                           asynchronous: bool = True) -> clu_metric_writers.MetricWriter:
   """Logs every value and, unless `just_logging` or `logdir` is None, writes TensorBoard files.
@@ -181,7 +189,7 @@ def create_default_writer(logdir: str | os.PathLike[str] | None, *, just_logging
   files. With `asynchronous`, writes happen on a background thread (`AsyncMultiWriter`);
   call `flush()` or `close()` before reading the files.
   """
-  writers = [clu_metric_writers.LoggingWriter()]
+  writers = [_TextLogWriter()]
   if logdir is not None and not just_logging:
     writers.append(TensorBoardWriter(logdir))
   if asynchronous:

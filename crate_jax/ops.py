@@ -15,6 +15,9 @@ model, and works under `jit`, `vmap` and `grad`. Conventions:
 """
 from __future__ import annotations
 
+import functools
+import math
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -180,9 +183,17 @@ def crate_ista(x: Array, dictionary: Array, eta: float = 0.1, lam: float = 0.1) 
   `Z+ = ReLU(x + eta * (x - x @ D^T) @ D - eta * lam)`, which equals the published
   three-matmul form `ReLU(x + eta * (x @ D - x @ D^T @ D) - eta * lam)`, where `D` is the
   published `fn.weight`. There is no residual connection around this step.
+
+  When there are more tokens than the width `d` (training batches), the two token matmuls
+  are folded into one, `x @ (D - D^T D)`: the `d x d` product costs less than a pass over
+  the tokens, and the backward pass then needs two token matmuls instead of four.
   """
-  chex.assert_shape(dictionary, (x.shape[-1], x.shape[-1]))
-  return ista_step(x, x, dictionary, eta, lam)
+  d = x.shape[-1]
+  chex.assert_shape(dictionary, (d, d))
+  if math.prod(x.shape[:-1]) <= d:
+    return ista_step(x, x, dictionary, eta, lam)
+  folded = dictionary - dictionary.T @ dictionary
+  return jax.nn.relu(x + eta * (x @ folded) - eta * lam)
 
 
 def crate_ista_three_matmul(x: Array, dictionary: Array, eta: float = 0.1, lam: float = 0.1) -> Array:
@@ -224,23 +235,74 @@ def overcomplete_ista(
 # --------------------------------------------------------------------------------------
 
 
-def subspace_self_attention(w: Array, scale: float) -> tuple[Array, Array]:
-  """Per-head self-attention with query = key = value = `w`.
+def _attention_forward(w: Array, scale: float) -> tuple[Array, Array]:
+  logits = jnp.einsum("...qp,...sp->...qs", w, w) * scale
+  attn = jax.nn.softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
+  attn = attn.astype(w.dtype)
+  return jnp.einsum("...qs,...sp->...qp", attn, w), attn
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def subspace_attention_heads_first(w: Array, scale: float) -> tuple[Array, Array]:
+  """Per-head self-attention with query = key = value = `w`, heads-first layout.
 
   `A_k = softmax(scale * W_k W_k^T)` over keys, output `A_k W_k`.
 
+  The gradient is written by hand to use the symmetry of `W_k W_k^T`: with `L` the logits,
+  `dW = A^T G + scale (dL + dL^T) W`, three matmuls where autodiff of the generic query /
+  key / value form takes four. Differentiable in reverse mode (`grad`, `vjp`), not forward.
+
   Args:
-    w: head projections, `(..., N, K, p)`.
+    w: head projections, `(..., K, N, p)`.
     scale: logit scale (`1/sqrt(p)` in the published code, 1 in the paper).
 
   Returns:
-    `(out, attn)`: `out` of shape `(..., N, K, p)` and `attn` of shape `(..., K, N, N)`
+    `(out, attn)`: `out` of shape `(..., K, N, p)` and `attn` of shape `(..., K, N, N)`
     (rows are queries).
   """
-  logits = jnp.einsum("...qkp,...skp->...kqs", w, w) * scale
-  attn = jax.nn.softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
-  attn = attn.astype(w.dtype)
-  return jnp.einsum("...kqs,...skp->...qkp", attn, w), attn
+  return _attention_forward(w, scale)
+
+
+def _attention_fwd(w, scale):
+  out, attn = _attention_forward(w, scale)
+  return (out, attn), (w, attn)
+
+
+def _attention_bwd(scale, residuals, cotangents):
+  w, attn = residuals
+  g_out, g_attn = cotangents
+  g_attn = jnp.einsum("...qp,...sp->...qs", g_out, w) + g_attn
+  # Softmax backward in float32 (as the forward), then back to the activation dtype.
+  a = attn.astype(jnp.promote_types(attn.dtype, jnp.float32))
+  g_attn = g_attn.astype(a.dtype)
+  g_logits = (a * (g_attn - jnp.sum(g_attn * a, axis=-1, keepdims=True))).astype(w.dtype)
+  g_w = jnp.einsum("...qs,...qp->...sp", attn, g_out)
+  g_w += scale * jnp.einsum("...qs,...sp->...qp", g_logits + jnp.swapaxes(g_logits, -1, -2), w)
+  return (g_w,)
+
+
+subspace_attention_heads_first.defvjp(_attention_fwd, _attention_bwd)
+
+
+def subspace_self_attention(w: Array, scale: float) -> tuple[Array, Array]:
+  """`subspace_attention_heads_first` for head projections in token-major layout.
+
+  Args:
+    w: head projections, `(..., N, K, p)` (as `head_projections` returns them).
+    scale: logit scale.
+
+  Returns:
+    `(out (..., N, K, p), attn (..., K, N, N))`.
+  """
+  out, attn = subspace_attention_heads_first(jnp.swapaxes(w, -2, -3), scale)
+  return jnp.swapaxes(out, -2, -3), attn
+
+
+def _heads_first_projections(x: Array, u: Array) -> Array:
+  """`W_k = X U_k` laid out `(..., K, N, p)`: attention then needs no transposes."""
+  chex.assert_rank(u, 3)
+  chex.assert_equal(x.shape[-1], u.shape[0])
+  return jnp.einsum("...nd,dkp->...knp", x, u)
 
 
 def mssa_published(
@@ -258,14 +320,15 @@ def mssa_published(
 
   Returns:
     `(output (..., N, d_out), head projections (..., N, K, p), attention (..., K, N, N))`.
+    The head projections cost nothing when unused (under `jit` the transpose is dropped).
   """
   chex.assert_equal(u.shape[1:], out_kernel.shape[:2])
-  w = head_projections(x, u)
-  heads, attn = subspace_self_attention(w, u.shape[-1] ** -0.5)
-  y = jnp.einsum("...nkp,kpd->...nd", heads, out_kernel)
+  w = _heads_first_projections(x, u)
+  heads, attn = subspace_attention_heads_first(w, u.shape[-1] ** -0.5)
+  y = jnp.einsum("...knp,kpd->...nd", heads, out_kernel)
   if out_bias is not None:
     y = y + out_bias
-  return y, w, attn
+  return y, jnp.swapaxes(w, -2, -3), attn
 
 
 def mssa_paper(z: Array, u: Array) -> tuple[Array, Array, Array]:
@@ -276,9 +339,9 @@ def mssa_paper(z: Array, u: Array) -> tuple[Array, Array, Array]:
   Returns:
     `(MSSA(Z) (..., N, d), head projections, attention)`.
   """
-  w = head_projections(z, u)
-  heads, attn = subspace_self_attention(w, 1.0)
-  return jnp.einsum("...nkp,dkp->...nd", heads, u), w, attn
+  w = _heads_first_projections(z, u)
+  heads, attn = subspace_attention_heads_first(w, 1.0)
+  return jnp.einsum("...knp,dkp->...nd", heads, u), jnp.swapaxes(w, -2, -3), attn
 
 
 def mssa_paper_step(z: Array, u: Array, kappa: float, eps: float) -> tuple[Array, Array, Array]:

@@ -90,9 +90,17 @@ def _unbox_shapes(boxed: Any) -> Any:
 
 
 def abstract_params(model: nn.Module, image_size: int) -> Any:
-  """The model's parameters as `ShapeDtypeStruct`s, without computing them."""
+  """The model's parameters as `ShapeDtypeStruct`s, without computing them.
+
+  Nothing is placed on a device, not even the key: the AOT check may run where the default
+  backend is a compile-only TPU topology.
+  """
   return _unbox_shapes(jax.eval_shape(
-      functools.partial(_init_params, model, image_size=image_size), jax.random.PRNGKey(0)))
+      functools.partial(_init_params, model, image_size=image_size), _abstract_key()))
+
+
+def _abstract_key() -> jax.ShapeDtypeStruct:
+  return jax.eval_shape(jax.random.PRNGKey, 0)
 
 
 def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation,
@@ -104,7 +112,7 @@ def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation,
   step, rng) are replicated.
   """
   boxed = jax.eval_shape(functools.partial(_init_params, model, image_size=image_size),
-                         jax.random.PRNGKey(0))
+                         _abstract_key())
   param_specs = nn.get_partition_spec(boxed)
   params = _unbox_shapes(boxed)
   opt_state = jax.eval_shape(tx.init, params)
@@ -112,7 +120,7 @@ def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation,
                                     transform_non_params=lambda _: P(),
                                     is_leaf=lambda x: isinstance(x, P))
   abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                        opt_state=opt_state, rng=jax.eval_shape(jax.random.PRNGKey, 0))
+                        opt_state=opt_state, rng=_abstract_key())
   specs = TrainState(step=P(), params=param_specs, opt_state=opt_specs, rng=P())
   return abstract, specs
 
@@ -323,7 +331,7 @@ def _check_finite(step: int, step_metrics: TrainMetrics, last_checkpoint: int | 
         "Lower optimizer.lr, lengthen the warmup or set optimizer.grad_clip_norm.")
 
 
-def _compiled_flops(compiled: Any) -> float | None:
+def compiled_flops(compiled: Any) -> float | None:
   """FLOPs of one call of a compiled (per-device) program, where the backend reports them."""
   try:
     cost = compiled.cost_analysis()
@@ -413,7 +421,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           model, tx, schedule, shardings, batch_sharding, label_smoothing=config.label_smoothing,
           grad_accum_steps=config.grad_accum_steps).lower(
               with_shardings(abstract, shardings), abstract_batch).compile()
-      flops_per_step = _compiled_flops(train_step)
+      flops_per_step = compiled_flops(train_step)
     evaluator = make_evaluator(model, shardings.params, batch_sharding)
     rr_evaluator = None
     # It measures the MSSA subspaces: CRATE and CRATE-alpha only.
@@ -489,7 +497,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       run_evaluations(final=True)
       if rr_evaluator and is_main:
         path = workdir / "rate_reduction.png"
-        rr_evaluator.plot(path, title=f"{config.model_name}, layer-wise rate reduction")
+        rr_evaluator.plot(path, title=f"{config.model_name} on {config.input.dataset}")
         logging.info("Wrote the layer-wise rate-reduction plot %s.", path)
     finally:
       checkpointer.wait()  # A save in flight (of a good state) completes, also on errors.

@@ -113,11 +113,11 @@ def test_two_processes_follow_the_single_process_losses(runs):
   two, one = _scalars(runs["two"], "train/loss"), _scalars(runs["one"], "train/loss")
   assert sorted(two) == sorted(one) == [1, 2, 3, 4, 5, 6]
   np.testing.assert_allclose([two[s] for s in range(1, 7)], [one[s] for s in range(1, 7)],
-                             rtol=1e-4)
+                             rtol=1e-5)
   assert one[6] < one[1]
   two_eval, one_eval = _scalars(runs["two"], "eval/loss"), _scalars(runs["one"], "eval/loss")
   assert sorted(two_eval) == [4, 6] and sorted(one_eval) == [6]  # At the end of each run.
-  np.testing.assert_allclose(two_eval[6], one_eval[6], rtol=1e-4)
+  np.testing.assert_allclose(two_eval[6], one_eval[6], rtol=1e-5)
 
 
 def test_processes_form_one_job(runs):

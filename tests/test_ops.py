@@ -79,6 +79,18 @@ def test_ista_two_matmul_equals_three_matmul():
   np.testing.assert_allclose(ops.crate_ista(x, d), ops.crate_ista_three_matmul(x, d), atol=1e-5)
 
 
+@pytest.mark.parametrize("tokens", [5, 40])  # Fewer tokens than d = 12: two matmuls; more: folded.
+def test_crate_ista_values_and_gradients_equal_published_form(tokens):
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(6), 3)
+  x, d = jax.random.normal(k1, (tokens, 12)), jax.random.normal(k2, (12, 12)) * 0.3
+  probe = jax.random.normal(k3, (tokens, 12))
+  np.testing.assert_allclose(ops.crate_ista(x, d), ops.crate_ista_three_matmul(x, d), atol=1e-5)
+  grads = [jax.grad(lambda x, d: jnp.sum(f(x, d) * probe), argnums=(0, 1))(x, d)
+           for f in (ops.crate_ista, ops.crate_ista_three_matmul)]
+  for ours, published in zip(*grads):
+    np.testing.assert_allclose(ours, published, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("m", [12, 48])
 def test_ista_step_does_not_increase_nonnegative_lasso(m):
   """Proximal-gradient descent lemma: with eta <= 1/||D||^2 every step lowers (or keeps)
@@ -145,6 +157,26 @@ def test_mssa_published_matches_explicit_heads():
     expected += (a @ wk) @ o[k]
   np.testing.assert_allclose(y, expected + bias, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(w, np.einsum("bnd,dkp->bnkp", x, u), rtol=1e-5, atol=1e-6)
+
+
+def test_subspace_attention_gradient_equals_autodiff_of_definition():
+  """The hand-written VJP (symmetric logits) against autodiff of the plain formula."""
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(12), 3)
+  w = jax.random.normal(k1, (2, 3, 9, 4))
+  probe_out, probe_attn = jax.random.normal(k2, w.shape), jax.random.normal(k3, (2, 3, 9, 9))
+
+  def definition(w):
+    attn = jax.nn.softmax(jnp.einsum("bkqp,bksp->bkqs", w, w) * 0.5, axis=-1)
+    return jnp.einsum("bkqs,bksp->bkqp", attn, w), attn
+
+  def loss(attention, w):  # Uses both outputs, so both cotangents are exercised.
+    out, attn = attention(w)
+    return jnp.sum(out * probe_out) + jnp.sum(attn * probe_attn)
+
+  ours = jax.grad(lambda w: loss(lambda w: ops.subspace_attention_heads_first(w, 0.5), w))(w)
+  np.testing.assert_allclose(ours, jax.grad(lambda w: loss(definition, w))(w), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(ops.subspace_attention_heads_first(w, 0.5)[0], definition(w)[0],
+                             rtol=1e-5, atol=1e-6)
 
 
 def test_functions_work_under_jit_vmap_grad():
