@@ -47,6 +47,10 @@ SHARDING_RULES = (
 )
 
 
+class ConfigError(ValueError):
+  """A config field is unknown, ill-typed or inconsistent; the message names the field."""
+
+
 def base_config() -> ml_collections.ConfigDict:
   """All fields a config may set, with defaults; locked. Units: steps unless said."""
   c = ml_collections.ConfigDict()
@@ -116,25 +120,25 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     key, sep, value = item.partition("=")
     key = key.strip()
     if not sep:
-      raise ValueError(f"Config argument {item!r} is not key=value (in {arg!r}).")
+      raise ConfigError(f"Config argument {item!r} is not key=value (in {arg!r}).")
     if key not in defaults:
-      raise ValueError(f"Unknown config argument {key!r} in {arg!r}; known: {sorted(defaults)}.")
+      raise ConfigError(f"Unknown config argument {key!r} in {arg!r}; known: {sorted(defaults)}.")
     kind = type(defaults[key])
     if kind is bool:
       if value.lower() not in ("true", "false", "1", "0"):
-        raise ValueError(f"Config argument {key}={value!r} must be true or false.")
+        raise ConfigError(f"Config argument {key}={value!r} must be true or false.")
       parsed[key] = value.lower() in ("true", "1")
     else:
       try:
         parsed[key] = kind(value)
       except ValueError as e:
-        raise ValueError(f"Config argument {key}={value!r} is not a {kind.__name__}.") from e
+        raise ConfigError(f"Config argument {key}={value!r} is not a {kind.__name__}.") from e
   return parsed
 
 
 def _model_class(name: str) -> type:
   if name not in MODELS:
-    raise ValueError(f"Unknown model_name {name!r}; choose one of {MODELS}.")
+    raise ConfigError(f"Unknown model_name {name!r}; choose one of {MODELS}.")
   return importlib.import_module(f"crate_jax.models.{name}").Model
 
 
@@ -160,7 +164,7 @@ def model_config(name: str, **fields: Any) -> ml_collections.ConfigDict:
     config[field.name] = value
   for key, value in fields.items():
     if key not in config:
-      raise ValueError(f"Model {name!r} has no field {key!r}; fields: {sorted(config)}.")
+      raise ConfigError(f"Model {name!r} has no field {key!r}; fields: {sorted(config)}.")
     config[key] = value
   config.lock()
   return config
@@ -184,7 +188,7 @@ def steps(config: ml_collections.ConfigDict, prefix: str, steps_per_epoch: float
   if epochs is not None:
     return int(round(epochs * steps_per_epoch))
   if default is None:
-    raise ValueError(f"Set {prefix}_steps or {prefix}_epochs.")
+    raise ConfigError(f"Set {prefix}_steps or {prefix}_epochs.")
   return default
 
 
@@ -203,44 +207,47 @@ def validate(config: ml_collections.ConfigDict) -> None:
   known = _flat_keys(base_config()) | {f"model.{k}" for k in model_config(config.model_name)}
   unknown = sorted(_flat_keys(config) - known)
   if unknown:
-    raise ValueError(f"Unknown config field(s) {unknown}: not in config_utils.base_config() "
+    raise ConfigError(f"Unknown config field(s) {unknown}: not in config_utils.base_config() "
                      f"or the fields of model {config.model_name!r}.")
   if config.optimizer.name not in optim.OPTIMIZERS:
-    raise ValueError(f"Unknown optimizer.name {config.optimizer.name!r}; choose one of "
+    raise ConfigError(f"Unknown optimizer.name {config.optimizer.name!r}; choose one of "
                      f"{optim.OPTIMIZERS}.")
   if config.schedule.name not in optim.SCHEDULES:
-    raise ValueError(f"Unknown schedule.name {config.schedule.name!r}; choose one of "
+    raise ConfigError(f"Unknown schedule.name {config.schedule.name!r}; choose one of "
                      f"{optim.SCHEDULES}.")
   try:
     re.compile(config.optimizer.decay_regex)
   except re.error as e:
-    raise ValueError(f"optimizer.decay_regex {config.optimizer.decay_regex!r}: {e}") from e
+    raise ConfigError(f"optimizer.decay_regex {config.optimizer.decay_regex!r}: {e}") from e
   for name in ("grad_accum_steps", "log_every_steps"):
     if config[name] < 1:
-      raise ValueError(f"{name} must be >= 1, got {config[name]}.")
+      raise ConfigError(f"{name} must be >= 1, got {config[name]}.")
   for name in ("eval_every_steps", "checkpoint_every_steps", "rate_reduction_every_steps"):
     if config[name] < 0:
-      raise ValueError(f"{name} must be >= 0 (0: only at the end), got {config[name]}.")
+      raise ConfigError(f"{name} must be >= 0 (0: only at the end), got {config[name]}.")
   if config.checkpoint.max_to_keep < 1:
-    raise ValueError(f"checkpoint.max_to_keep must be >= 1, got {config.checkpoint.max_to_keep}.")
+    raise ConfigError(f"checkpoint.max_to_keep must be >= 1, got {config.checkpoint.max_to_keep}.")
   if config.init.checkpoint and config.init.format not in ("workdir", "published"):
-    raise ValueError(f"init.format must be 'workdir' or 'published', got {config.init.format!r}.")
+    raise ConfigError(f"init.format must be 'workdir' or 'published', got {config.init.format!r}.")
   if not 0.0 <= config.label_smoothing < 1.0:
-    raise ValueError(f"label_smoothing must be in [0, 1), got {config.label_smoothing}.")
-  jnp.dtype(config.model.dtype)  # Raises TypeError naming an unknown dtype.
+    raise ConfigError(f"label_smoothing must be in [0, 1), got {config.label_smoothing}.")
+  try:
+    jnp.dtype(config.model.dtype)
+  except TypeError as e:
+    raise ConfigError(f"model.dtype {config.model.dtype!r}: {e}") from e
 
 
 def validate_batch(config: ml_collections.ConfigDict, batch_shards: int) -> None:
   """The global batch must split into microbatches, and those over the batch shards."""
   batch, accum = config.input.global_batch_size, config.grad_accum_steps
   if batch % accum:
-    raise ValueError(f"input.global_batch_size={batch} is not divisible by "
+    raise ConfigError(f"input.global_batch_size={batch} is not divisible by "
                      f"grad_accum_steps={accum}.")
   if (batch // accum) % batch_shards:
-    raise ValueError(
+    raise ConfigError(
         f"The microbatch (input.global_batch_size / grad_accum_steps = {batch // accum}) is not "
         f"divisible by the {batch_shards} shards of the batch axis ({jax.device_count()} "
         f"devices, mesh and sharding rules of the config).")
   if config.input.eval_batch_size % batch_shards:
-    raise ValueError(f"input.eval_batch_size={config.input.eval_batch_size} is not divisible by "
+    raise ConfigError(f"input.eval_batch_size={config.input.eval_batch_size} is not divisible by "
                      f"the {batch_shards} shards of the batch axis.")

@@ -362,7 +362,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     The final train state.
 
   Raises:
-    ValueError: an invalid config.
+    config_utils.ConfigError: an invalid config.
     pipeline.DatasetNotPreparedError: the dataset is missing (with how to prepare it).
     checkpointing.CheckpointError: checkpoints exist, none readable.
     TrainingDivergedError: the loss or gradients became NaN or infinite.
@@ -371,9 +371,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   is_main = jax.process_index() == 0
-  if is_main:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
 
   pipeline.prepare_dataset(config.input)
   mesh, rules = sharding.create_mesh(config), sharding.logical_rules(config)
@@ -384,9 +381,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   # Only evaluating a checkpoint (total_steps=0): the schedule is never stepped.
   warmup_steps = (config_utils.steps(config.schedule, "warmup", steps_per_epoch, default=0)
                   if total_steps else 0)
-  schedule = optim.create_schedule(config.schedule.name, base_lr=config.optimizer.lr,
-                                   total_steps=total_steps, warmup_steps=warmup_steps,
-                                   end_lr=config.schedule.end_lr)
+  try:
+    schedule = optim.create_schedule(config.schedule.name, base_lr=config.optimizer.lr,
+                                     total_steps=total_steps, warmup_steps=warmup_steps,
+                                     end_lr=config.schedule.end_lr)
+  except ValueError as e:
+    raise config_utils.ConfigError(f"config.schedule: {e}") from e
+  # The config is known to be consistent only now: an invalid one leaves the workdir as it was.
+  if is_main:
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
   model = get_model(config.model_name, **config_utils.model_kwargs(config))
   tx = optim.create_optimizer(config.optimizer, schedule, abstract_params(model, image_size))
   logging.info("%d devices, mesh %s; %d steps of %d images (%.2f epochs), %d warmup steps.",

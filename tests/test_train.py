@@ -223,3 +223,11 @@ def test_pretrained_parameters_fit_a_new_head_and_resolution(data_dir):
                                 pretrained["encoder"]["layer_1"]["ista"]["D"])
   with pytest.raises(ValueError, match="do not fit config.model"):
     train.adapt_pretrained(pretrained, train.abstract_params(model.clone(width=32), 16))
+
+
+def test_inconsistent_schedule_is_a_config_error_before_anything_is_written(data_dir, tmp_path):
+  config = tiny_config(data_dir, total_steps=8)
+  config.schedule.warmup_steps = 50
+  with pytest.raises(config_utils.ConfigError, match=r"config.schedule: warmup_steps \(50\)"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not list((tmp_path / "run").iterdir())  # No config.json, event file or checkpoint.
