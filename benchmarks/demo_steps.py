@@ -47,13 +47,11 @@ def main(argv):
     shardings = sharding.state_shardings(specs, abstract, mesh, rules)
     batch_sharding = sharding.batch_sharding(mesh, rules)
     state = train.create_train_state(model, tx, image_size, config.seed, shardings)
-    step = train.make_train_step(model, tx, schedule, shardings, batch_sharding,
-                                 label_smoothing=config.label_smoothing,
-                                 grad_accum_steps=config.grad_accum_steps)
+    compiled = train.compile_train_step(config, model, tx, schedule, abstract, shardings,
+                                        batch_sharding)
     iterator = pipeline.make_train_iterator(config.input, seed=0)
     batch = sharding.put_batch(next(iterator), batch_sharding)
-    compiled = step.lower(state, batch).compile()
-    flops = compiled.cost_analysis().get("flops", 0.0)
+    flops = train.compiled_flops(compiled) or 0.0
     for _ in range(3):  # Warm-up.
       state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)

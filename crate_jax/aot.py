@@ -38,7 +38,6 @@ from typing import Any, Sequence
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 
@@ -206,16 +205,8 @@ def analyze(config: ml_collections.ConfigDict, devices: Sequence[Any] | None = N
   with sharding.use_mesh(mesh, rules):
     shardings = sharding.state_shardings(specs, abstract, mesh, rules)
     batch_sharding = sharding.batch_sharding(mesh, rules)
-    batch = {
-        "image": jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32,
-                                      sharding=batch_sharding),
-        "labels": jax.ShapeDtypeStruct((batch_size, config.input.num_classes), jnp.float32,
-                                       sharding=batch_sharding)}
-    step = train.make_train_step(model, tx, schedule, shardings, batch_sharding,
-                                 label_smoothing=config.label_smoothing,
-                                 grad_accum_steps=config.grad_accum_steps)
-    lowered = step.lower(train.with_shardings(abstract, shardings), batch)
-  compiled = lowered.compile()
+    compiled = train.compile_train_step(config, model, tx, schedule, abstract, shardings,
+                                        batch_sharding)
   compile_seconds = time.perf_counter() - start
 
   memory = compiled.memory_analysis()

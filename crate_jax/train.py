@@ -331,6 +331,23 @@ def _check_finite(step: int, step_metrics: TrainMetrics, last_checkpoint: int | 
         "Lower optimizer.lr, lengthen the warmup or set optimizer.grad_clip_norm.")
 
 
+def compile_train_step(config: ml_collections.ConfigDict, model: nn.Module,
+                       tx: optax.GradientTransformation, schedule: optax.Schedule,
+                       abstract: TrainState, shardings: TrainState,
+                       batch_sharding: NamedSharding) -> Any:
+  """`make_train_step` for the config, compiled ahead of time for abstract state and batch."""
+  batch_size, image_size = config.input.global_batch_size, config.input.image_size
+  abstract_batch = {
+      "image": jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32,
+                                    sharding=batch_sharding),
+      "labels": jax.ShapeDtypeStruct((batch_size, config.input.num_classes), jnp.float32,
+                                     sharding=batch_sharding)}
+  step = make_train_step(model, tx, schedule, shardings, batch_sharding,
+                         label_smoothing=config.label_smoothing,
+                         grad_accum_steps=config.grad_accum_steps)
+  return step.lower(with_shardings(abstract, shardings), abstract_batch).compile()
+
+
 def compiled_flops(compiled: Any) -> float | None:
   """FLOPs of one call of a compiled (per-device) program, where the backend reports them."""
   try:
@@ -416,15 +433,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                  f"{sum(x.size for x in jax.tree.leaves(abstract.params)):,}")
 
     if step < total_steps:  # Compiled ahead of time, for its FLOP count.
-      abstract_batch = {
-          "image": jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32,
-                                        sharding=batch_sharding),
-          "labels": jax.ShapeDtypeStruct((batch_size, config.input.num_classes), jnp.float32,
-                                         sharding=batch_sharding)}
-      train_step = make_train_step(
-          model, tx, schedule, shardings, batch_sharding, label_smoothing=config.label_smoothing,
-          grad_accum_steps=config.grad_accum_steps).lower(
-              with_shardings(abstract, shardings), abstract_batch).compile()
+      train_step = compile_train_step(config, model, tx, schedule, abstract, shardings,
+                                      batch_sharding)
       flops_per_step = compiled_flops(train_step)
     evaluator = make_evaluator(model, shardings.params, batch_sharding)
     rr_evaluator = None

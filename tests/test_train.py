@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import types
 
 import flax
 import jax
@@ -158,29 +159,34 @@ def test_sigterm_saves_exits_cleanly_and_a_rerun_continues(data_dir, tmp_path):
   assert "eval/top1=" in err
 
 
-def _tiny_setup(data_dir):
+def _tiny_setup(data_dir) -> types.SimpleNamespace:
+  """The tiny config's model, optimizer, mesh, shardings and initial (sharded) state."""
   config = tiny_config(data_dir)
   model = get_model(config.model_name, **config_utils.model_kwargs(config))
   mesh, rules = sharding.create_mesh(config), sharding.logical_rules(config)
   schedule = optax.constant_schedule(1e-3)
   tx = optim.create_optimizer(config.optimizer, schedule, train.abstract_params(model, 16))
-  return config, model, mesh, rules, schedule, tx
-
-
-def test_gradient_accumulation_equals_the_big_batch_step(data_dir):
-  batch = next(pipeline.make_train_iterator(tiny_config(data_dir).input, seed=0))
-  _, model, mesh, rules, schedule, tx = _tiny_setup(data_dir)
   with sharding.use_mesh(mesh, rules):
     abstract, specs = train.abstract_train_state(model, tx, 16)
     shardings = sharding.state_shardings(specs, abstract, mesh, rules)
     batch_sharding = sharding.batch_sharding(mesh, rules)
-    initial = train.create_train_state(model, tx, 16, 0, shardings)
+    state = train.create_train_state(model, tx, 16, 0, shardings)
+  return types.SimpleNamespace(config=config, model=model, mesh=mesh, rules=rules,
+                               schedule=schedule, tx=tx, shardings=shardings,
+                               batch_sharding=batch_sharding, state=state)
+
+
+def test_gradient_accumulation_equals_the_big_batch_step(data_dir):
+  batch = next(pipeline.make_train_iterator(tiny_config(data_dir).input, seed=0))
+  setup = _tiny_setup(data_dir)
+  with sharding.use_mesh(setup.mesh, setup.rules):
     results = []
     for accum in (1, 4):
-      step = train.make_train_step(model, tx, schedule, shardings, batch_sharding,
-                                   label_smoothing=0.1, grad_accum_steps=accum)
-      state = jax.tree.map(jnp.copy, initial)  # The step donates its input.
-      state, metrics = step(state, sharding.put_batch(batch, batch_sharding))
+      step = train.make_train_step(setup.model, setup.tx, setup.schedule, setup.shardings,
+                                   setup.batch_sharding, label_smoothing=0.1,
+                                   grad_accum_steps=accum)
+      state = jax.tree.map(jnp.copy, setup.state)  # The step donates its input.
+      state, metrics = step(state, sharding.put_batch(batch, setup.batch_sharding))
       results.append((jax.device_get(state.params), jax.device_get(metrics.compute())))
   (params_1, metrics_1), (params_4, metrics_4) = results
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
@@ -190,14 +196,11 @@ def test_gradient_accumulation_equals_the_big_batch_step(data_dir):
 
 
 def test_evaluation_counts_every_example_once_over_uneven_batches(data_dir):
-  config, model, mesh, rules, _, tx = _tiny_setup(data_dir)
-  with sharding.use_mesh(mesh, rules):
-    abstract, specs = train.abstract_train_state(model, tx, 16)
-    shardings = sharding.state_shardings(specs, abstract, mesh, rules)
-    batch_sharding = sharding.batch_sharding(mesh, rules)
-    state = train.create_train_state(model, tx, 16, 0, shardings)
-    results = train.evaluate(train.make_evaluator(model, shardings.params, batch_sharding),
-                             state.params, config.input, batch_sharding)
+  setup = _tiny_setup(data_dir)
+  config, model, state = setup.config, setup.model, setup.state
+  with sharding.use_mesh(setup.mesh, setup.rules):
+    evaluator = train.make_evaluator(model, setup.shardings.params, setup.batch_sharding)
+    results = train.evaluate(evaluator, state.params, config.input, setup.batch_sharding)
   batches = list(pipeline.make_eval_iterator(config.input))
   assert [len(b["label"]) for b in batches] == [32, 32, 32]
   images = np.concatenate([b["image"][b["mask"] > 0] for b in batches])
@@ -210,7 +213,7 @@ def test_evaluation_counts_every_example_once_over_uneven_batches(data_dir):
 
 
 def test_pretrained_parameters_fit_a_new_head_and_resolution(data_dir):
-  _, model, *_ = _tiny_setup(data_dir)
+  model = _tiny_setup(data_dir).model
   pretrained = flax.linen.unbox(jax.device_get(
       jax.jit(model.init)(jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 3)))["params"]))
   target = train.abstract_params(model.clone(num_classes=7, image_size=24, scan_layers=True), 24)
