@@ -8,10 +8,11 @@ together.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import re
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +50,17 @@ SHARDING_RULES = (
 
 class ConfigError(ValueError):
   """A config field is unknown, ill-typed or inconsistent; the message names the field."""
+
+
+@contextlib.contextmanager
+def config_errors(section: str) -> Iterator[None]:
+  """Reports a ValueError raised while building from `config.<section>` as a ConfigError."""
+  try:
+    yield
+  except ConfigError:
+    raise
+  except ValueError as e:
+    raise ConfigError(f"config.{section}: {e}") from e
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -62,15 +62,12 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}.")
   logging.get_absl_handler().addFilter(_QuietCheckpointLibrary())
   try:
-    config_utils.validate(_CONFIG.value)
-  except config_utils.ConfigError as e:
-    sys.exit(f"FATAL Config error: {e}")
-  if _REUSE_HOST_MEMORY.value:  # Before JAX starts its threads.
-    host_memory.reuse_freed_memory()
-  distributed.initialize_from_flags()
-  try:
+    config_utils.validate(_CONFIG.value)  # Fails fast, before JAX or the data start.
+    if _REUSE_HOST_MEMORY.value:  # Before JAX starts its threads.
+      host_memory.reuse_freed_memory()
+    distributed.initialize_from_flags()
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except config_utils.ConfigError as e:  # Found once the dataset size or mesh is known.
+  except config_utils.ConfigError as e:
     sys.exit(f"FATAL Config error: {e}")
   except (pipeline.DatasetNotPreparedError, checkpointing.CheckpointError,
           train.TrainingDivergedError) as e:

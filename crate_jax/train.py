@@ -398,18 +398,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   # Only evaluating a checkpoint (total_steps=0): the schedule is never stepped.
   warmup_steps = (config_utils.steps(config.schedule, "warmup", steps_per_epoch, default=0)
                   if total_steps else 0)
-  try:
+  with config_utils.config_errors("schedule"):
     schedule = optim.create_schedule(config.schedule.name, base_lr=config.optimizer.lr,
                                      total_steps=total_steps, warmup_steps=warmup_steps,
                                      end_lr=config.schedule.end_lr)
-  except ValueError as e:
-    raise config_utils.ConfigError(f"config.schedule: {e}") from e
+  model = get_model(config.model_name, **config_utils.model_kwargs(config))
+  with config_utils.config_errors("optimizer"):
+    tx = optim.create_optimizer(config.optimizer, schedule, abstract_params(model, image_size))
   # The config is known to be consistent only now: an invalid one leaves the workdir as it was.
   if is_main:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
-  model = get_model(config.model_name, **config_utils.model_kwargs(config))
-  tx = optim.create_optimizer(config.optimizer, schedule, abstract_params(model, image_size))
   logging.info("%d devices, mesh %s; %d steps of %d images (%.2f epochs), %d warmup steps.",
                jax.device_count(), dict(mesh.shape), total_steps, batch_size,
                total_steps / steps_per_epoch, warmup_steps)

@@ -228,9 +228,13 @@ def test_pretrained_parameters_fit_a_new_head_and_resolution(data_dir):
     train.adapt_pretrained(pretrained, train.abstract_params(model.clone(width=32), 16))
 
 
-def test_inconsistent_schedule_is_a_config_error_before_anything_is_written(data_dir, tmp_path):
-  config = tiny_config(data_dir, total_steps=8)
-  config.schedule.warmup_steps = 50
-  with pytest.raises(config_utils.ConfigError, match=r"config.schedule: warmup_steps \(50\)"):
+@pytest.mark.parametrize("field,value,message", [
+    ("schedule.warmup_steps", 50, r"config.schedule: warmup_steps \(50\)"),
+    ("optimizer.name", "adam", r"config.optimizer: optimizer.name='adam' has no weight decay"),
+])
+def test_inconsistent_config_is_a_config_error_before_anything_is_written(
+    data_dir, tmp_path, field, value, message):
+  config = tiny_config(data_dir, **{field: value})
+  with pytest.raises(config_utils.ConfigError, match=message):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert not list((tmp_path / "run").iterdir())  # No config.json, event file or checkpoint.
