@@ -390,7 +390,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   is_main = jax.process_index() == 0
 
   pipeline.prepare_dataset(config.input)
-  mesh, rules = sharding.create_mesh(config), sharding.logical_rules(config)
+  with config_utils.config_errors("mesh"):
+    mesh = sharding.create_mesh(config)
+  with config_utils.config_errors("sharding"):
+    rules = sharding.logical_rules(config)
   config_utils.validate_batch(config, sharding.batch_divisor(mesh, rules))
   batch_size, image_size = config.input.global_batch_size, config.input.image_size
   steps_per_epoch = pipeline.num_examples(config.input, config.input.train_split) / batch_size

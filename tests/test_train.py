@@ -231,6 +231,7 @@ def test_pretrained_parameters_fit_a_new_head_and_resolution(data_dir):
 @pytest.mark.parametrize("field,value,message", [
     ("schedule.warmup_steps", 50, r"config.schedule: warmup_steps \(50\)"),
     ("optimizer.name", "adam", r"config.optimizer: optimizer.name='adam' has no weight decay"),
+    ("mesh.axes", (("data", 3),), r"config.mesh: Mesh \{'data': 3\} does not divide"),
 ])
 def test_inconsistent_config_is_a_config_error_before_anything_is_written(
     data_dir, tmp_path, field, value, message):
