@@ -153,5 +153,18 @@ def test_topology_without_libtpu_says_what_to_install():
     aot.tpu_slice("v5p")
 
 
+def test_topology_compiles_with_the_tpu_compiler_without_a_tpu():
+  """Where libtpu is installed (not in CI): the real TPU compiler, nothing run on a device."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  if importlib.util.find_spec("libtpu") is None:
+    pytest.skip("needs libtpu (pip install libtpu, the version jax pins)")
+  result = subprocess.run(
+      [sys.executable, "-m", "crate_jax.aot", "--config=configs/demo.py", "--topology=v5e-4"],
+      cwd=REPO, capture_output=True, text=True, timeout=600,
+      env={k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))})
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "4 tpu devices" in result.stdout and ": fits" in result.stdout, result.stdout
+
+
 if __name__ == "__main__":
   _worker(sys.argv[1])
