@@ -159,6 +159,37 @@ def test_mssa_published_matches_explicit_heads():
   np.testing.assert_allclose(w, np.einsum("bnd,dkp->bnkp", x, u), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("lead", [(), (7,), (2, 5), (2, 3, 4)])
+def test_token_matmul_equals_batched_matmul(lead):
+  x = jax.random.normal(jax.random.PRNGKey(13), lead + (6,))
+  w = jax.random.normal(jax.random.PRNGKey(14), (6, 5))
+  np.testing.assert_allclose(ops.token_matmul(x, w), x @ w, rtol=1e-5, atol=1e-6)
+  grads = jax.grad(lambda x, w: jnp.sum(jnp.sin(ops.token_matmul(x, w))), argnums=(0, 1))(x, w)
+  expected = jax.grad(lambda x, w: jnp.sum(jnp.sin(x @ w)), argnums=(0, 1))(x, w)
+  for g, e in zip(grads, expected):
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+  with pytest.raises(AssertionError):
+    ops.token_matmul(x, w.T)
+
+
+def test_mssa_published_gradients_equal_autodiff_of_einsum_form():
+  """The 2D-token formulation against autodiff of the plain batched einsums."""
+  ks = jax.random.split(jax.random.PRNGKey(15), 5)
+  x, u = jax.random.normal(ks[0], (2, 7, 8)), jax.random.normal(ks[1], (8, 2, 3))
+  o, bias = jax.random.normal(ks[2], (2, 3, 5)), jax.random.normal(ks[3], (5,))
+  probe = jax.random.normal(ks[4], (2, 7, 5))
+
+  def einsum_form(x, u, o, bias):
+    w = jnp.einsum("bnd,dkp->bknp", x, u)
+    attn = jax.nn.softmax(jnp.einsum("bkqp,bksp->bkqs", w, w) / np.sqrt(3), axis=-1)
+    return jnp.einsum("bkqs,bksp,kpe->bqe", attn, w, o) + bias
+
+  ours = jax.grad(lambda *a: jnp.sum(ops.mssa_published(*a)[0] * probe), argnums=(0, 1, 2, 3))
+  expected = jax.grad(lambda *a: jnp.sum(einsum_form(*a) * probe), argnums=(0, 1, 2, 3))
+  for g, e in zip(ours(x, u, o, bias), expected(x, u, o, bias)):
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+
+
 def test_subspace_attention_gradient_equals_autodiff_of_definition():
   """The hand-written VJP (symmetric logits) against autodiff of the plain formula."""
   k1, k2, k3 = jax.random.split(jax.random.PRNGKey(12), 3)
