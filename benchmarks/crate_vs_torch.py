@@ -81,6 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--warmup", type=int, default=2, help="untimed calls after compilation")
   p.add_argument("--modes", default="forward,train", help="forward and/or train")
   p.add_argument("--frameworks", default="jax,torch", help="jax and/or torch")
+  p.add_argument("--cpu_devices", type=int, default=0,
+                 help="crate_jax on N single-threaded XLA:CPU devices, data parallel "
+                      "(crate_jax.host_devices; as crate_jax.main --cpu_devices=N); "
+                      "0: XLA's default, one multi-threaded device")
   p.add_argument("--threads", type=int, default=os.cpu_count(),
                  help="torch intra-op threads (XLA uses all cores by default)")
   p.add_argument("--torch_ref", default=DEFAULT_TORCH_REF,
@@ -186,11 +190,19 @@ class JaxSide:
     import jax
     import jax.numpy as jnp
     import optax
+    from jax.sharding import NamedSharding, PartitionSpec as P
 
     from crate_jax.models import crate
 
     self.jax = jax
     self.compiler_options = dict(compiler_options or {})
+    # Parameters replicated, the batch split over the devices (one device: a no-op).
+    mesh = jax.make_mesh((jax.device_count(),), ("data",),
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    self.replicated = NamedSharding(mesh, P())
+    self.batch_sharded = NamedSharding(mesh, P("data"))
+    if cfg["batch"] % jax.device_count():
+      raise SystemExit(f"batch {cfg['batch']} does not split over {jax.device_count()} devices.")
     s = cfg["image_size"]
     self.model = crate.Model(num_classes=cfg["num_classes"], width=cfg["width"],
                              depth=cfg["depth"], heads=cfg["heads"], patch_size=cfg["patch"],
@@ -221,13 +233,15 @@ class JaxSide:
 
   def reset(self):
     # Fresh copies: the train step donates (invalidates) its inputs.
-    self.params = self.jax.tree.map(lambda x: x.copy(), self.init_params)
+    put = lambda tree: self.jax.device_put(self.jax.tree.map(lambda x: x.copy(), tree),
+                                           self.replicated)
+    self.params = put(self.init_params)
     self.opt_state = self.tx.init(self.params)
-    self.fwd_params = self.jax.tree.map(lambda x: x.copy(), self.init_params)
+    self.fwd_params = put(self.init_params)
 
   def set_batch(self, images_nhwc: np.ndarray, labels: np.ndarray, modes=("forward", "train")):
-    self.images = self.jax.device_put(images_nhwc)
-    self.labels = self.jax.device_put(labels)
+    self.images = self.jax.device_put(images_nhwc, self.batch_sharded)
+    self.labels = self.jax.device_put(labels, self.batch_sharded)
     opts = self.compiler_options
     t0 = time.perf_counter()
     self.forward_fn = self.forward_jit.lower(self.fwd_params, self.images).compile(
@@ -583,7 +597,8 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
              jax=jax.__version__, flax=flax.__version__, optax=optax.__version__,
              numpy=np.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""),
              omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
-             jax_backend=jax.default_backend(), torch_threads=args.threads)
+             jax_backend=jax.default_backend(), jax_devices=jax.device_count(),
+             torch_threads=args.threads)
   try:
     import torch
     env["torch"] = torch.__version__
@@ -599,6 +614,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   if args.reuse_host_memory:  # Before JAX or torch start threads.
     from crate_jax import host_memory
     host_memory_reused = host_memory.reuse_freed_memory()
+  if args.cpu_devices:  # Before JAX initialises its backends.
+    from crate_jax import host_devices
+    host_devices.use_cpu_devices(args.cpu_devices)
   ref = None
   if "torch" in args.frameworks:
     if args.omp_wait_policy != "unset":

@@ -159,6 +159,14 @@ def test_sigterm_saves_exits_cleanly_and_a_rerun_continues(data_dir, tmp_path):
   assert "eval/top1=" in err
 
 
+def test_main_trains_data_parallel_on_single_threaded_cpu_devices(data_dir, tmp_path):
+  run = _run_main(tmp_path, data_dir, "--cpu_devices=2", "--config.total_steps=2")
+  _, err = run.communicate(timeout=300)
+  assert run.returncode == 0, err[-3000:]
+  assert re.search(r"2 devices, mesh \{'data': 2", err), err[-3000:]
+  assert _checkpoint_steps(tmp_path) == [2]
+
+
 def _tiny_setup(data_dir) -> types.SimpleNamespace:
   """The tiny config's model, optimizer, mesh, shardings and initial (sharded) state."""
   config = tiny_config(data_dir)
