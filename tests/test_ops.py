@@ -210,6 +210,22 @@ def test_subspace_attention_gradient_equals_autodiff_of_definition():
                              rtol=1e-5, atol=1e-6)
 
 
+def test_attention_matmul_workaround_is_cpu_only():
+  """On CPU, attention's per-head matmuls carry a zero-valued row reduction and the
+  backward writes A^T out (XLA:CPU speed workarounds, see `ops._batched_matmul`); other
+  backends get the plain products. Values are covered by the tests above."""
+  w, probe = jnp.ones((2, 3, 9, 4)), jnp.ones((2, 3, 9, 4))
+  grad = jax.jit(jax.grad(lambda w: jnp.sum(ops.subspace_attention_heads_first(w, 0.5)[0] * probe)))
+
+  def count(platform, op):
+    return jax.export.export(grad, platforms=[platform])(w).mlir_module().count(op)
+
+  # Softmax and its backward reduce twice; on CPU each backward matmul adds one.
+  assert count("cuda", "stablehlo.reduce") == count("tpu", "stablehlo.reduce") == 3
+  assert count("cpu", "stablehlo.reduce") == 5
+  assert count("cuda", "optimization_barrier") == 0 < count("cpu", "optimization_barrier")
+
+
 def test_functions_work_under_jit_vmap_grad():
   z = jax.random.normal(jax.random.PRNGKey(10), (4, 9, 6))
   u = jax.random.normal(jax.random.PRNGKey(11), (6, 2, 3))
