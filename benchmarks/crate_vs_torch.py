@@ -32,8 +32,8 @@ Environment of the runs so far (AMD EPYC (Zen 3, KVM), 2 cores / 2 threads, 23 G
 jax/jaxlib 0.10.2, flax 0.12.8, optax 0.2.8, torch 2.13.0+cpu (MKL 2024.2, oneDNN 3.12),
 float32, default XLA flags, nothing else running):
 
-    Results: benchmarks/README.md (crate_jax 1.4-1.5x faster per train step on the small
-    preset, 1.2-1.3x on t16; 1.35-1.7x forward).
+    Results: benchmarks/README.md (crate_jax 1.53-1.67x faster per train step on the small
+    preset, 1.37x on t16; 1.6-1.9x forward).
 """
 from __future__ import annotations
 
