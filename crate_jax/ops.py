@@ -325,16 +325,15 @@ def _attention_bwd(scale, residuals, cotangents):
   a = attn.astype(jnp.promote_types(attn.dtype, jnp.float32))
   g_attn = g_attn.astype(a.dtype)
   g_logits = (a * (g_attn - jnp.sum(g_attn * a, axis=-1, keepdims=True))).astype(w.dtype)
+  swap = lambda a: jnp.swapaxes(a, -1, -2)
+  attn_t = swap(attn)  # XLA folds this transpose into the product below...
   if attn.shape[-1] <= _WRITE_OUT_ATTN_T_MAX_TOKENS:
-    # A^T G with A^T written out on CPU: XLA:CPU's YNNPACK fusions take no transposed
-    # operand, and this product otherwise runs as a stand-alone dot (65 tokens: 11.3 vs
-    # 8.2 ms, train step 7-8% faster; 197 tokens: the extra copy made the step 8% slower).
-    swap = lambda a: jnp.swapaxes(a, -1, -2)
+    # ...but on CPU A^T is better written out: XLA:CPU's YNNPACK fusions take no transposed
+    # operand, and A^T G otherwise runs as a stand-alone dot (65 tokens: 11.3 vs 8.2 ms,
+    # train step 7-8% faster; 197 tokens: the extra copy made the step 8% slower).
     attn_t = _on_cpu(lambda a: jax.lax.optimization_barrier(swap(a)), attn, default=swap)
-    g_w = _batched_matmul("...sq,...qp->...sp", attn_t, g_out)
-  else:
-    g_w = _batched_matmul("...qs,...qp->...sp", attn, g_out)
-  g_w += scale * _batched_matmul("...qs,...sp->...qp", g_logits + jnp.swapaxes(g_logits, -1, -2), w)
+  g_w = _batched_matmul("...sq,...qp->...sp", attn_t, g_out)
+  g_w += scale * _batched_matmul("...qs,...sp->...qp", g_logits + swap(g_logits), w)
   return (g_w,)
 
 
