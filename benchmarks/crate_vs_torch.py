@@ -35,19 +35,21 @@ float32, default XLA flags, nothing else running):
     Results: benchmarks/README.md (crate_jax 1.53-1.67x faster per train step on the small
     preset, 1.37x on t16; 1.6-1.9x forward).
 """
+
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 import copy
 import importlib.util
 import json
 import os
+from pathlib import Path
 import platform
 import statistics
 import sys
 import time
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -56,10 +58,12 @@ DEFAULT_TORCH_REF = "../shared/reference/torch_crate.py"  # relative to the repo
 
 # Presets. t16: CRATE-T/16 at 224 px (197 tokens, 1000 classes); small: a CIFAR-sized CRATE.
 CONFIGS: dict[str, dict[str, int]] = {
-    "t16": dict(width=384, depth=12, heads=6, image_size=224, patch=16, batch=32, num_classes=1000,
-                steps=1),
-    "small": dict(width=192, depth=6, heads=3, image_size=32, patch=4, batch=128, num_classes=10,
-                  steps=5),
+  "t16": dict(
+    width=384, depth=12, heads=6, image_size=224, patch=16, batch=32, num_classes=1000, steps=1
+  ),
+  "small": dict(
+    width=192, depth=6, heads=3, image_size=32, patch=4, batch=128, num_classes=10, steps=5
+  ),
 }
 OVERRIDABLE = ("width", "depth", "heads", "image_size", "patch", "batch", "num_classes", "steps")
 
@@ -70,50 +74,96 @@ OVERRIDABLE = ("width", "depth", "heads", "image_size", "patch", "batch", "num_c
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--configs", default="small,t16",
-                 help=f"comma-separated presets from {sorted(CONFIGS)}; the size flags below "
-                      "override every selected preset")
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.add_argument(
+    "--configs",
+    default="small,t16",
+    help=f"comma-separated presets from {sorted(CONFIGS)}; the size flags below "
+    "override every selected preset",
+  )
   for name in OVERRIDABLE:
-    p.add_argument(f"--{name}", type=int, default=None,
-                   help="steps = timed calls per round" if name == "steps" else None)
+    p.add_argument(
+      f"--{name}",
+      type=int,
+      default=None,
+      help="steps = timed calls per round" if name == "steps" else None,
+    )
   p.add_argument("--repeats", type=int, default=5, help="timed rounds per side and mode")
   p.add_argument("--warmup", type=int, default=2, help="untimed calls after compilation")
   p.add_argument("--modes", default="forward,train", help="forward and/or train")
   p.add_argument("--frameworks", default="jax,torch", help="jax and/or torch")
-  p.add_argument("--cpu_devices", type=int, default=0,
-                 help="crate_jax on N single-threaded XLA:CPU devices, data parallel "
-                      "(crate_jax.host_devices; as crate_jax.main --cpu_devices=N); "
-                      "0: XLA's default, one multi-threaded device")
-  p.add_argument("--threads", type=int, default=os.cpu_count(),
-                 help="torch intra-op threads (XLA uses all cores by default)")
-  p.add_argument("--torch_ref", default=DEFAULT_TORCH_REF,
-                 help="path of torch_crate.py, absolute or relative to the repo root")
-  p.add_argument("--torch_compile", choices=("auto", "on", "off"), default="auto",
-                 help="also time torch.compile; auto: try it and skip it if it fails")
-  p.add_argument("--reuse_host_memory", type=lambda v: v.lower() in ("1", "true", "yes"),
-                 default=True,
-                 help="crate_jax.host_memory.reuse_freed_memory() first, as crate_jax.main does "
-                 "(both sides run in this process, so both get it). false: glibc defaults.")
-  p.add_argument("--omp_wait_policy", choices=("PASSIVE", "ACTIVE", "unset"), default="PASSIVE",
-                 help="OMP_WAIT_POLICY for torch's OpenMP threads, set before torch is imported "
-                      "unless already in the environment. PASSIVE (default): on a shared, "
-                      "oversubscribed machine spinning OpenMP threads make eager torch 10-20x "
-                      "slower; see benchmarks/README.md")
-  p.add_argument("--torch_adamw", choices=("default", "foreach", "fused"), default="default",
-                 help="torch.optim.AdamW implementation")
+  p.add_argument(
+    "--cpu_devices",
+    type=int,
+    default=0,
+    help="crate_jax on N single-threaded XLA:CPU devices, data parallel "
+    "(crate_jax.host_devices; as crate_jax.main --cpu_devices=N); "
+    "0: XLA's default, one multi-threaded device",
+  )
+  p.add_argument(
+    "--threads",
+    type=int,
+    default=os.cpu_count(),
+    help="torch intra-op threads (XLA uses all cores by default)",
+  )
+  p.add_argument(
+    "--torch_ref",
+    default=DEFAULT_TORCH_REF,
+    help="path of torch_crate.py, absolute or relative to the repo root",
+  )
+  p.add_argument(
+    "--torch_compile",
+    choices=("auto", "on", "off"),
+    default="auto",
+    help="also time torch.compile; auto: try it and skip it if it fails",
+  )
+  p.add_argument(
+    "--reuse_host_memory",
+    type=lambda v: v.lower() in ("1", "true", "yes"),
+    default=True,
+    help="crate_jax.host_memory.reuse_freed_memory() first, as crate_jax.main does "
+    "(both sides run in this process, so both get it). false: glibc defaults.",
+  )
+  p.add_argument(
+    "--omp_wait_policy",
+    choices=("PASSIVE", "ACTIVE", "unset"),
+    default="PASSIVE",
+    help="OMP_WAIT_POLICY for torch's OpenMP threads, set before torch is imported "
+    "unless already in the environment. PASSIVE (default): on a shared, "
+    "oversubscribed machine spinning OpenMP threads make eager torch 10-20x "
+    "slower; see benchmarks/README.md",
+  )
+  p.add_argument(
+    "--torch_adamw",
+    choices=("default", "foreach", "fused"),
+    default="default",
+    help="torch.optim.AdamW implementation",
+  )
   p.add_argument("--lr", type=float, default=1e-3)
   p.add_argument("--weight_decay", type=float, default=0.05)
-  p.add_argument("--rtol", type=float, default=1e-4,
-                 help="max relative difference (max|a-b| / max|b|) allowed for logits and loss; "
-                      "gradients: see check_equivalence")
-  p.add_argument("--allow_mismatch", action="store_true",
-                 help="time even if the numerical check fails (the ratio is then meaningless)")
-  p.add_argument("--jax_variant", action="append", default=[], metavar="NAME=JSON",
-                 help="also time crate_jax compiled with these XLA compiler options, e.g. "
-                      "'onednn={\"xla_cpu_use_onednn\": true, "
-                      "\"xla_cpu_experimental_ynn_fusion_type\": \"\"}' (repeatable)")
+  p.add_argument(
+    "--rtol",
+    type=float,
+    default=1e-4,
+    help="max relative difference (max|a-b| / max|b|) allowed for logits and loss; "
+    "gradients: see check_equivalence",
+  )
+  p.add_argument(
+    "--allow_mismatch",
+    action="store_true",
+    help="time even if the numerical check fails (the ratio is then meaningless)",
+  )
+  p.add_argument(
+    "--jax_variant",
+    action="append",
+    default=[],
+    metavar="NAME=JSON",
+    help="also time crate_jax compiled with these XLA compiler options, e.g. "
+    '\'onednn={"xla_cpu_use_onednn": true, '
+    '"xla_cpu_experimental_ynn_fusion_type": ""}\' (repeatable)',
+  )
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", default=None, help="write the results to this path")
   args = p.parse_args(argv)
@@ -185,32 +235,43 @@ class JaxSide:
   variants can be timed side by side in one process.
   """
 
-  def __init__(self, cfg: dict[str, int], args: argparse.Namespace,
-               compiler_options: dict[str, Any] | None = None, init_params=None):
+  def __init__(
+    self,
+    cfg: dict[str, int],
+    args: argparse.Namespace,
+    compiler_options: dict[str, Any] | None = None,
+    init_params=None,
+  ):
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
     import optax
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
     from crate_jax.models import crate
 
     self.jax = jax
     self.compiler_options = dict(compiler_options or {})
     # Parameters replicated, the batch split over the devices (one device: a no-op).
-    mesh = jax.make_mesh((jax.device_count(),), ("data",),
-                         axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     self.replicated = NamedSharding(mesh, P())
     self.batch_sharded = NamedSharding(mesh, P("data"))
     if cfg["batch"] % jax.device_count():
       raise SystemExit(f"batch {cfg['batch']} does not split over {jax.device_count()} devices.")
     s = cfg["image_size"]
-    self.model = crate.Model(num_classes=cfg["num_classes"], width=cfg["width"],
-                             depth=cfg["depth"], heads=cfg["heads"], patch_size=cfg["patch"],
-                             image_size=(s, s))
+    self.model = crate.Model(
+      num_classes=cfg["num_classes"],
+      width=cfg["width"],
+      depth=cfg["depth"],
+      heads=cfg["heads"],
+      patch_size=cfg["patch"],
+      image_size=(s, s),
+    )
     if init_params is None:
-      variables = self.model.init(jax.random.PRNGKey(args.seed),
-                                  jnp.zeros((1, s, s, 3), jnp.float32))
+      variables = self.model.init(
+        jax.random.PRNGKey(args.seed), jnp.zeros((1, s, s, 3), jnp.float32)
+      )
       init_params = nn.unbox(variables["params"])
     self.init_params = init_params
     # torch.optim.AdamW's defaults, weight decay on every parameter (as torch does).
@@ -234,8 +295,9 @@ class JaxSide:
 
   def reset(self):
     # Fresh copies: the train step donates (invalidates) its inputs.
-    put = lambda tree: self.jax.device_put(self.jax.tree.map(lambda x: x.copy(), tree),
-                                           self.replicated)
+    put = lambda tree: self.jax.device_put(
+      self.jax.tree.map(lambda x: x.copy(), tree), self.replicated
+    )
     self.params = put(self.init_params)
     self.opt_state = self.tx.init(self.params)
     self.fwd_params = put(self.init_params)
@@ -246,20 +308,23 @@ class JaxSide:
     opts = self.compiler_options
     t0 = time.perf_counter()
     self.forward_fn = self.forward_jit.lower(self.fwd_params, self.images).compile(
-        compiler_options=opts)
+      compiler_options=opts
+    )
     self.compile_s["forward"] = time.perf_counter() - t0
     if "train" in modes:
       t0 = time.perf_counter()
-      self.train_fn = self.train_jit.lower(self.params, self.opt_state, self.images,
-                                           self.labels).compile(compiler_options=opts)
+      self.train_fn = self.train_jit.lower(
+        self.params, self.opt_state, self.images, self.labels
+      ).compile(compiler_options=opts)
       self.compile_s["train"] = time.perf_counter() - t0
 
   def forward(self) -> Any:
     return self.forward_fn(self.fwd_params, self.images).block_until_ready()
 
   def train(self) -> float:
-    self.params, self.opt_state, loss = self.train_fn(self.params, self.opt_state, self.images,
-                                                      self.labels)
+    self.params, self.opt_state, loss = self.train_fn(
+      self.params, self.opt_state, self.images, self.labels
+    )
     self.jax.block_until_ready((self.params, self.opt_state))
     return float(loss)
 
@@ -269,18 +334,18 @@ def torch_state_dict_from_jax(params: dict, depth: int) -> dict[str, np.ndarray]
   a = lambda x: np.asarray(x, np.float32)
   pe = params["patch_embed"]
   sd = {
-      "to_patch_embedding.1.weight": a(pe["norm_in"]["scale"]),
-      "to_patch_embedding.1.bias": a(pe["norm_in"]["bias"]),
-      "to_patch_embedding.2.weight": a(pe["dense"]["kernel"]).T,
-      "to_patch_embedding.2.bias": a(pe["dense"]["bias"]),
-      "to_patch_embedding.3.weight": a(pe["norm_out"]["scale"]),
-      "to_patch_embedding.3.bias": a(pe["norm_out"]["bias"]),
-      "cls_token": a(params["cls"]),
-      "pos_embedding": a(params["pos_embedding"]),
-      "mlp_head.0.weight": a(params["head_norm"]["scale"]),
-      "mlp_head.0.bias": a(params["head_norm"]["bias"]),
-      "mlp_head.1.weight": a(params["head"]["kernel"]).T,
-      "mlp_head.1.bias": a(params["head"]["bias"]),
+    "to_patch_embedding.1.weight": a(pe["norm_in"]["scale"]),
+    "to_patch_embedding.1.bias": a(pe["norm_in"]["bias"]),
+    "to_patch_embedding.2.weight": a(pe["dense"]["kernel"]).T,
+    "to_patch_embedding.2.bias": a(pe["dense"]["bias"]),
+    "to_patch_embedding.3.weight": a(pe["norm_out"]["scale"]),
+    "to_patch_embedding.3.bias": a(pe["norm_out"]["bias"]),
+    "cls_token": a(params["cls"]),
+    "pos_embedding": a(params["pos_embedding"]),
+    "mlp_head.0.weight": a(params["head_norm"]["scale"]),
+    "mlp_head.0.bias": a(params["head_norm"]["bias"]),
+    "mlp_head.1.weight": a(params["head"]["kernel"]).T,
+    "mlp_head.1.bias": a(params["head"]["bias"]),
   }
   for i in range(depth):
     lp, t = params["encoder"][f"layer_{i}"], f"transformer.layers.{i}"
@@ -304,17 +369,28 @@ def torch_state_dict_from_jax(params: dict, depth: int) -> dict[str, np.ndarray]
 class TorchSide:
   """The reference model, eager or `torch.compile`d, with torch.optim.AdamW."""
 
-  def __init__(self, ref, cfg: dict[str, int], state_dict: dict[str, np.ndarray],
-               args: argparse.Namespace, compiled: bool = False):
+  def __init__(
+    self,
+    ref,
+    cfg: dict[str, int],
+    state_dict: dict[str, np.ndarray],
+    args: argparse.Namespace,
+    compiled: bool = False,
+  ):
     import torch
     import torch.nn.functional as F
 
     self.torch, self.F = torch, F
     self.compiled = compiled
     s = cfg["image_size"]
-    self.model = ref.CrateTorch(image_size=s, patch_size=cfg["patch"],
-                                num_classes=cfg["num_classes"], dim=cfg["width"],
-                                depth=cfg["depth"], heads=cfg["heads"])
+    self.model = ref.CrateTorch(
+      image_size=s,
+      patch_size=cfg["patch"],
+      num_classes=cfg["num_classes"],
+      dim=cfg["width"],
+      depth=cfg["depth"],
+      heads=cfg["heads"],
+    )
     self.state = {k: torch.from_numpy(v.copy()) for k, v in state_dict.items()}
     self.model.load_state_dict(self.state, strict=True)
     kw = {}
@@ -322,8 +398,9 @@ class TorchSide:
       kw["foreach"] = True
     elif args.torch_adamw == "fused":
       kw["fused"] = True
-    self.opt_kwargs = dict(lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
-                           weight_decay=args.weight_decay, **kw)
+    self.opt_kwargs = dict(
+      lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay, **kw
+    )
     self.reset()
     self.fwd_module = self.model
     self.train_module = self.model
@@ -404,21 +481,23 @@ def check_equivalence(js: JaxSide, ts: TorchSide, depth: int, rtol: float) -> di
 
   jt, j64, t64 = rel(grads_j, grads_t), rel(grads_j, grads64), rel(grads_t, grads64)
   bad = sorted(k for k in j64 if j64[k] > max(10 * rtol, 2 * t64[k]))
-  res = dict(logits_max_rel_diff=rel_diff(logits_j, logits_t),
-             logits_jax_vs_f64=rel_diff(logits_j, logits64),
-             logits_torch_vs_f64=rel_diff(logits_t, logits64),
-             loss_rel_diff=abs(float(loss_j) - loss_t) / abs(loss_t),
-             grads_less_accurate_than_torch=bad)
+  res = dict(
+    logits_max_rel_diff=rel_diff(logits_j, logits_t),
+    logits_jax_vs_f64=rel_diff(logits_j, logits64),
+    logits_torch_vs_f64=rel_diff(logits_t, logits64),
+    loss_rel_diff=abs(float(loss_j) - loss_t) / abs(loss_t),
+    grads_less_accurate_than_torch=bad,
+  )
   res["grad_max_rel_diff"], res["grad_worst_param"] = worst(jt)
   res["grad_jax_vs_f64"], res["grad_jax_vs_f64_param"] = worst(j64)
   res["grad_torch_vs_f64"], res["grad_torch_vs_f64_param"] = worst(t64)
-  res["ok"] = bool(res["logits_max_rel_diff"] <= rtol and res["loss_rel_diff"] <= rtol
-                   and not bad)
+  res["ok"] = bool(res["logits_max_rel_diff"] <= rtol and res["loss_rel_diff"] <= rtol and not bad)
   return res
 
 
-def time_rounds(sides: dict[str, Callable[[], Any]], steps: int, repeats: int,
-                label: str = "") -> dict[str, dict[str, list[float]]]:
+def time_rounds(
+  sides: dict[str, Callable[[], Any]], steps: int, repeats: int, label: str = ""
+) -> dict[str, dict[str, list[float]]]:
   """Wall and process-CPU ms/step per round for each side.
 
   The sides are interleaved, their order alternating per round, so that a change of
@@ -428,33 +507,46 @@ def time_rounds(sides: dict[str, Callable[[], Any]], steps: int, repeats: int,
   names = list(sides)
   out = {n: {"wall": [], "cpu": []} for n in names}
   for r in range(repeats):
-    for n in (names if r % 2 == 0 else names[::-1]):
+    for n in names if r % 2 == 0 else names[::-1]:
       fn = sides[n]
       t0, c0 = time.perf_counter(), time.process_time()
       for _ in range(steps):
         fn()
       out[n]["wall"].append((time.perf_counter() - t0) * 1e3 / steps)
       out[n]["cpu"].append((time.process_time() - c0) * 1e3 / steps)
-    print(f"  {label} round {r + 1}/{repeats}: "
-          + ", ".join(f"{n} {v['wall'][-1]:.0f}" for n, v in out.items()) + " ms/step, load "
-          + fmt_load(loadavg()), flush=True)
+    print(
+      f"  {label} round {r + 1}/{repeats}: "
+      + ", ".join(f"{n} {v['wall'][-1]:.0f}" for n, v in out.items())
+      + " ms/step, load "
+      + fmt_load(loadavg()),
+      flush=True,
+    )
   return out
 
 
 def summarize(rounds: dict[str, list[float]], batch: int) -> dict[str, Any]:
   ms = rounds["wall"]
   med = statistics.median(ms)
-  return dict(ms_median=med, ms_min=min(ms), ms_max=max(ms), ms_rounds=ms,
-              spread_pct=100.0 * (max(ms) - min(ms)) / med, img_s=batch * 1e3 / med,
-              img_s_best=batch * 1e3 / min(ms), cpu_ms_median=statistics.median(rounds["cpu"]),
-              cpu_ms_rounds=rounds["cpu"])
+  return dict(
+    ms_median=med,
+    ms_min=min(ms),
+    ms_max=max(ms),
+    ms_rounds=ms,
+    spread_pct=100.0 * (max(ms) - min(ms)) / med,
+    img_s=batch * 1e3 / med,
+    img_s_best=batch * 1e3 / min(ms),
+    cpu_ms_median=statistics.median(rounds["cpu"]),
+    cpu_ms_rounds=rounds["cpu"],
+  )
 
 
 def run_config(name: str, cfg: dict[str, int], args: argparse.Namespace, ref) -> dict[str, Any]:
-  print(f"\n=== {name}: width {cfg['width']} depth {cfg['depth']} heads {cfg['heads']} "
-        f"image {cfg['image_size']} patch {cfg['patch']} batch {cfg['batch']} "
-        f"classes {cfg['num_classes']} ({(cfg['image_size'] // cfg['patch']) ** 2 + 1} tokens)",
-        flush=True)
+  print(
+    f"\n=== {name}: width {cfg['width']} depth {cfg['depth']} heads {cfg['heads']} "
+    f"image {cfg['image_size']} patch {cfg['patch']} batch {cfg['batch']} "
+    f"classes {cfg['num_classes']} ({(cfg['image_size'] // cfg['patch']) ** 2 + 1} tokens)",
+    flush=True,
+  )
   result: dict[str, Any] = dict(config=cfg, load_before=loadavg())
   rng = np.random.default_rng(args.seed)
   s, b = cfg["image_size"], cfg["batch"]
@@ -466,8 +558,11 @@ def run_config(name: str, cfg: dict[str, int], args: argparse.Namespace, ref) ->
   js = JaxSide(cfg, args)
   js.set_batch(images_nhwc, labels, args.modes)
   result["num_params"] = int(sum(x.size for x in js.jax.tree.leaves(js.init_params)))
-  print(f"parameters: {result['num_params']:,}; crate_jax compile "
-        + ", ".join(f"{m} {t:.1f}s" for m, t in js.compile_s.items()), flush=True)
+  print(
+    f"parameters: {result['num_params']:,}; crate_jax compile "
+    + ", ".join(f"{m} {t:.1f}s" for m, t in js.compile_s.items()),
+    flush=True,
+  )
   if "jax" in args.frameworks:
     sides["crate_jax"] = js
     for vname, opts in args.jax_variant:
@@ -484,14 +579,17 @@ def run_config(name: str, cfg: dict[str, int], args: argparse.Namespace, ref) ->
     ts.set_batch(images_nchw, labels)
     check = check_equivalence(js, ts, cfg["depth"], args.rtol)
     result["check"] = check
-    print(f"check crate_jax vs torch (max|a-b|/max|b|): logits {check['logits_max_rel_diff']:.1e}, "
-          f"loss {check['loss_rel_diff']:.1e}, gradients {check['grad_max_rel_diff']:.1e} "
-          f"({check['grad_worst_param']})\n"
-          f"  vs a float64 torch run: logits jax {check['logits_jax_vs_f64']:.1e} / torch "
-          f"{check['logits_torch_vs_f64']:.1e}; gradients jax {check['grad_jax_vs_f64']:.1e} "
-          f"({check['grad_jax_vs_f64_param']}) / torch {check['grad_torch_vs_f64']:.1e} "
-          f"({check['grad_torch_vs_f64_param']}); gradients less accurate than torch's: "
-          f"{check['grads_less_accurate_than_torch'] or 'none'}", flush=True)
+    print(
+      f"check crate_jax vs torch (max|a-b|/max|b|): logits {check['logits_max_rel_diff']:.1e}, "
+      f"loss {check['loss_rel_diff']:.1e}, gradients {check['grad_max_rel_diff']:.1e} "
+      f"({check['grad_worst_param']})\n"
+      f"  vs a float64 torch run: logits jax {check['logits_jax_vs_f64']:.1e} / torch "
+      f"{check['logits_torch_vs_f64']:.1e}; gradients jax {check['grad_jax_vs_f64']:.1e} "
+      f"({check['grad_jax_vs_f64_param']}) / torch {check['grad_torch_vs_f64']:.1e} "
+      f"({check['grad_torch_vs_f64_param']}); gradients less accurate than torch's: "
+      f"{check['grads_less_accurate_than_torch'] or 'none'}",
+      flush=True,
+    )
     if not check["ok"]:
       msg = f"crate_jax and the torch reference disagree beyond rtol={args.rtol}"
       if not args.allow_mismatch:
@@ -505,8 +603,11 @@ def run_config(name: str, cfg: dict[str, int], args: argparse.Namespace, ref) ->
         tc.set_batch(images_nchw, labels)
         out = tc.forward().numpy()
         d = rel_diff(out, ts.forward().numpy())
-        print(f"torch.compile forward compiled in {time.perf_counter() - t0:.1f}s, "
-              f"logits max rel diff vs eager {d:.1e}", flush=True)
+        print(
+          f"torch.compile forward compiled in {time.perf_counter() - t0:.1f}s, "
+          f"logits max rel diff vs eager {d:.1e}",
+          flush=True,
+        )
         result["torch_compile_logits_rel_diff"] = d
         sides["torch_compile"] = tc
       except Exception as e:  # noqa: BLE001 -- any inductor failure just skips this side.
@@ -538,8 +639,10 @@ def run_config(name: str, cfg: dict[str, int], args: argparse.Namespace, ref) ->
         if n != "torch":
           dev = max(abs(x - y) / abs(y) for x, y in zip(ls, losses["torch"]))
           result.setdefault("train_loss_trajectory_rel_diff", {})[n] = dev
-          print(f"train losses of the first {len(ls)} steps, {n}: {[round(x, 5) for x in ls]}, "
-                f"torch: {[round(x, 5) for x in losses['torch']]} (max rel diff {dev:.1e})")
+          print(
+            f"train losses of the first {len(ls)} steps, {n}: {[round(x, 5) for x in ls]}, "
+            f"torch: {[round(x, 5) for x in losses['torch']]} (max rel diff {dev:.1e})"
+          )
     rounds = time_rounds(fns, cfg["steps"], args.repeats, label=f"{name} {mode}")
     result[mode] = {n: summarize(r, b) for n, r in rounds.items()}
     print(f"{mode} timed, load {fmt_load(loadavg())}", flush=True)
@@ -562,28 +665,39 @@ def speedups(result: dict[str, Any], modes: list[str]) -> dict[str, Any]:
       if n.startswith("crate_jax"):
         jms = v["ms_median"]
         out.setdefault(mode, {})[n] = dict(
-            vs_torch_eager=torch_sides.get("torch", float("nan")) / jms,
-            vs_best_torch=torch_sides[best] / jms, best_torch=best,
-            cpu_time_ratio_vs_torch_eager=(r["torch"]["cpu_ms_median"] / v["cpu_ms_median"]
-                                           if "torch" in r else float("nan")))
+          vs_torch_eager=torch_sides.get("torch", float("nan")) / jms,
+          vs_best_torch=torch_sides[best] / jms,
+          best_torch=best,
+          cpu_time_ratio_vs_torch_eager=(
+            r["torch"]["cpu_ms_median"] / v["cpu_ms_median"] if "torch" in r else float("nan")
+          ),
+        )
   return out
 
 
 def print_table(name: str, result: dict[str, Any], modes: list[str]):
   b = result["config"]["batch"]
-  print(f"\n{name} (batch {b}), load average {fmt_load(result['load_before'])} -> "
-        f"{fmt_load(result['load_after'])}")
-  print(f"{'mode':8s} {'side':22s} {'img/s':>8s} {'ms/step':>9s} {'min':>9s} {'max':>9s} "
-        f"{'spread':>7s} {'cpu ms':>9s}")
+  print(
+    f"\n{name} (batch {b}), load average {fmt_load(result['load_before'])} -> "
+    f"{fmt_load(result['load_after'])}"
+  )
+  print(
+    f"{'mode':8s} {'side':22s} {'img/s':>8s} {'ms/step':>9s} {'min':>9s} {'max':>9s} "
+    f"{'spread':>7s} {'cpu ms':>9s}"
+  )
   for mode in modes:
     for n, v in result.get(mode, {}).items():
-      print(f"{mode:8s} {n:22s} {v['img_s']:8.1f} {v['ms_median']:9.1f} {v['ms_min']:9.1f} "
-            f"{v['ms_max']:9.1f} {v['spread_pct']:6.1f}% {v['cpu_ms_median']:9.1f}")
+      print(
+        f"{mode:8s} {n:22s} {v['img_s']:8.1f} {v['ms_median']:9.1f} {v['ms_min']:9.1f} "
+        f"{v['ms_max']:9.1f} {v['spread_pct']:6.1f}% {v['cpu_ms_median']:9.1f}"
+      )
   for mode, per_side in result.get("speedup", {}).items():
     for n, sp in per_side.items():
-      print(f"speedup {mode:7s} {n}: {sp['vs_torch_eager']:.2f}x vs torch eager, "
-            f"{sp['vs_best_torch']:.2f}x vs best torch ({sp['best_torch']}); "
-            f"CPU-time ratio vs eager {sp['cpu_time_ratio_vs_torch_eager']:.2f}x")
+      print(
+        f"speedup {mode:7s} {n}: {sp['vs_torch_eager']:.2f}x vs torch eager, "
+        f"{sp['vs_best_torch']:.2f}x vs best torch ({sp['best_torch']}); "
+        f"CPU-time ratio vs eager {sp['cpu_time_ratio_vs_torch_eager']:.2f}x"
+      )
 
 
 def fmt_load(load) -> str:
@@ -594,14 +708,24 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
   import flax
   import jax
   import optax
-  env = dict(cpu=cpu_name(), cores=os.cpu_count(), python=platform.python_version(),
-             jax=jax.__version__, flax=flax.__version__, optax=optax.__version__,
-             numpy=np.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""),
-             omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
-             jax_backend=jax.default_backend(), jax_devices=jax.device_count(),
-             torch_threads=args.threads)
+
+  env = dict(
+    cpu=cpu_name(),
+    cores=os.cpu_count(),
+    python=platform.python_version(),
+    jax=jax.__version__,
+    flax=flax.__version__,
+    optax=optax.__version__,
+    numpy=np.__version__,
+    xla_flags=os.environ.get("XLA_FLAGS", ""),
+    omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+    jax_backend=jax.default_backend(),
+    jax_devices=jax.device_count(),
+    torch_threads=args.threads,
+  )
   try:
     import torch
+
     env["torch"] = torch.__version__
   except ImportError:
     env["torch"] = None
@@ -614,9 +738,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   host_memory_reused = False
   if args.reuse_host_memory:  # Before JAX or torch start threads.
     from crate_jax import host_memory
+
     host_memory_reused = host_memory.reuse_freed_memory()
   if args.cpu_devices:  # Before JAX initialises its backends.
     from crate_jax import host_devices
+
     host_devices.use_cpu_devices(args.cpu_devices)
   ref = None
   if "torch" in args.frameworks:
@@ -627,6 +753,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       print(f"Skipping the PyTorch side: {why}.")
     else:
       import torch
+
       torch.set_num_threads(args.threads)
   env = environment(args)
   env["host_memory_reused"] = host_memory_reused

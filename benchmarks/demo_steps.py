@@ -8,6 +8,7 @@ pipeline (end to end, as in training), after a warm-up; prints both and the mode
 Recorded (2-core CPU VM, jax 0.10.2, other jobs sharing the cores: see the load average):
   load ~1.5:  compute 4.0 steps/s (510 img/s), end to end 3.4 steps/s (440 img/s), 0.07 TFLOP/s
 """
+
 import os
 import sys
 import time
@@ -47,8 +48,9 @@ def main(argv):
     shardings = sharding.state_shardings(specs, abstract, mesh, rules)
     batch_sharding = sharding.batch_sharding(mesh, rules)
     state = train.create_train_state(model, tx, image_size, config.seed, shardings)
-    compiled = train.compile_train_step(config, model, tx, schedule, abstract, shardings,
-                                        batch_sharding)
+    compiled = train.compile_train_step(
+      config, model, tx, schedule, abstract, shardings, batch_sharding
+    )
     iterator = pipeline.make_train_iterator(config.input, seed=0)
     batch = sharding.put_batch(next(iterator), batch_sharding)
     flops = train.compiled_flops(compiled) or 0.0
@@ -66,10 +68,14 @@ def main(argv):
 
     compute = timed(lambda: batch)
     end_to_end = timed(lambda: sharding.put_batch(next(iterator), batch_sharding))
-  print(f"{config.model_name} {model.dims()}, batch {batch_size}, {jax.device_count()} "
-        f"{jax.devices()[0].platform} device(s), load average {os.getloadavg()[0]:.1f}")
-  print(f"compute:    {compute:.2f} steps/s, {compute * batch_size:.0f} img/s, "
-        f"{compute * flops / 1e12:.3f} TFLOP/s")
+  print(
+    f"{config.model_name} {model.dims()}, batch {batch_size}, {jax.device_count()} "
+    f"{jax.devices()[0].platform} device(s), load average {os.getloadavg()[0]:.1f}"
+  )
+  print(
+    f"compute:    {compute:.2f} steps/s, {compute * batch_size:.0f} img/s, "
+    f"{compute * flops / 1e12:.3f} TFLOP/s"
+  )
   print(f"end to end: {end_to_end:.2f} steps/s, {end_to_end * batch_size:.0f} img/s")
 
 

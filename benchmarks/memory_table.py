@@ -14,6 +14,7 @@ differently, so take them as estimates.
 
 Takes about 15 minutes on 2 cores.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -26,8 +27,8 @@ import jax
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # The config files import `configs.common`.
 
-from configs import imagenet  # pylint: disable=g-import-not-at-top,wrong-import-position
-from crate_jax import aot  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import imagenet  # noqa: E402  # After the sys.path change above.
+from crate_jax import aot  # noqa: E402
 
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", 16, "Simulated CPU devices.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 2048, "Global batch.")
@@ -50,12 +51,14 @@ def main(argv: list[str]) -> None:
   jax.config.update("jax_num_cpu_devices", _NUM_DEVICES.value)
   n = _NUM_DEVICES.value
   meshes = {
-      f"dp {n}": (("data", n), ("fsdp", 1), ("tensor", 1)),
-      f"fsdp {n}": (("data", 1), ("fsdp", n), ("tensor", 1)),
-      f"dp {n // 4} x fsdp 2 x tp 2": (("data", n // 4), ("fsdp", 2), ("tensor", 2)),
+    f"dp {n}": (("data", n), ("fsdp", 1), ("tensor", 1)),
+    f"fsdp {n}": (("data", 1), ("fsdp", n), ("tensor", 1)),
+    f"dp {n // 4} x fsdp 2 x tp 2": (("data", n // 4), ("fsdp", 2), ("tensor", 2)),
   }
-  print(f"Lion, float32, global batch {_BATCH_SIZE.value} at 224 px, {n} simulated CPU "
-        "devices; GiB per device; layers scanned.\n")
+  print(
+    f"Lion, float32, global batch {_BATCH_SIZE.value} at 224 px, {n} simulated CPU "
+    "devices; GiB per device; layers scanned.\n"
+  )
   print("| model | mesh | remat | arguments (state + batch) | temporaries | total |")
   print("|---|---|---|---|---|---|")
   notes = []
@@ -63,10 +66,15 @@ def main(argv: list[str]) -> None:
     for mesh_name, axes in meshes.items():
       for remat in ("none", "full"):
         report = _analyze(variant, axes, remat_policy=remat, scan_layers=True)
-        print(f"| CRATE-{variant} | {mesh_name} | {remat} | {_gib(report.argument_bytes)} | "
-              f"{_gib(report.temp_bytes)} | {_gib(report.total_bytes)} |", flush=True)
-    notes.append(f"CRATE-{variant}: {report.num_params:,} parameters, "
-                 f"{report.model_flops / 1e12:.0f} model TFLOP per step.")
+        print(
+          f"| CRATE-{variant} | {mesh_name} | {remat} | {_gib(report.argument_bytes)} | "
+          f"{_gib(report.temp_bytes)} | {_gib(report.total_bytes)} |",
+          flush=True,
+        )
+    notes.append(
+      f"CRATE-{variant}: {report.num_params:,} parameters, "
+      f"{report.model_flops / 1e12:.0f} model TFLOP per step."
+    )
   print("\n" + "\n".join(notes))
 
   print(f"\nCRATE-B/16, fsdp {n}:\n")
@@ -75,8 +83,11 @@ def main(argv: list[str]) -> None:
   for scan in (False, True):
     for remat in ("none", "dots", "full"):
       report = _analyze("B/16", meshes[f"fsdp {n}"], remat_policy=remat, scan_layers=scan)
-      print(f"| {scan} | {remat} | {_gib(report.temp_bytes)} | {_gib(report.total_bytes)} | "
-            f"{report.hlo_instructions:,} | {report.compile_seconds:.0f} |", flush=True)
+      print(
+        f"| {scan} | {remat} | {_gib(report.temp_bytes)} | {_gib(report.total_bytes)} | "
+        f"{report.hlo_instructions:,} | {report.compile_seconds:.0f} |",
+        flush=True,
+      )
 
 
 if __name__ == "__main__":

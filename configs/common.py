@@ -3,6 +3,7 @@
 Config files are loaded by path (`--config=configs/imagenet.py:variant=B/16`); they import
 this module as `configs.common`, so run from the repository root.
 """
+
 import ml_collections
 
 from crate_jax import config_utils
@@ -18,8 +19,14 @@ def base(model_name: str, **model_fields) -> ml_collections.ConfigDict:
   return config
 
 
-def imagenet_style_input(config: ml_collections.ConfigDict, *, dataset: str, num_classes: int,
-                         batch_size: int, image_size: int = 224) -> None:
+def imagenet_style_input(
+  config: ml_collections.ConfigDict,
+  *,
+  dataset: str,
+  num_classes: int,
+  batch_size: int,
+  image_size: int = 224,
+) -> None:
   """Natural-image input at `image_size`: decoding in worker processes, 256/224 eval crop."""
   config.input.dataset = dataset
   config.input.num_classes = num_classes

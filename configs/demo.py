@@ -13,14 +13,16 @@ Expected: test top-1 above 90% from about step 800 on; measured 93.9% at the end
 step 1,000), in 3 min 55 s for the whole command (dataset already built) on 2 otherwise
 idle CPU cores (docs/training.md).
 """
+
 from configs import common
 from crate_jax import config_utils
 
 
 def get_config(arg=None):
   arg = config_utils.parse_arg(arg, steps=1200, width=128, depth=4, heads=4, patch=8)
-  config = common.base("crate", width=arg.width, depth=arg.depth, heads=arg.heads,
-                       patch_size=(arg.patch, arg.patch))
+  config = common.base(
+    "crate", width=arg.width, depth=arg.depth, heads=arg.heads, patch_size=(arg.patch, arg.patch)
+  )
   config.input.global_batch_size = 128
   config.input.eval_batch_size = 400
   config.total_steps = arg.steps

@@ -20,6 +20,7 @@ CIFAR-100 78.9 / 81.0 / 82.7 / 83.6, Flowers-102 84.6 / 87.1 / 88.7 / 88.3, Pets
 84.9 / 85.3 / 87.4. Time for B/16 on 8 A100-class GPUs (our estimate from the reported
 ImageNet throughput): about an hour for CIFAR (10M images), 5-10 minutes for Flowers/Pets.
 """
+
 import os
 
 from configs import common
@@ -27,26 +28,30 @@ from crate_jax import config_utils
 
 # name: (classes, train split, eval split, train images, lr, epochs, eval resize ratio).
 DATASETS = {
-    "cifar10": (10, "train", "test", 50_000, 5e-5, 200.0, 1.0),
-    "cifar100": (100, "train", "test", 50_000, 5e-5, 200.0, 1.0),
-    "oxford_flowers102": (102, "train+validation", "test", 2_040, 1e-4, 400.0, 256 / 224),
-    "oxford_iiit_pet": (37, "train", "test", 3_680, 1e-4, 400.0, 256 / 224),
+  "cifar10": (10, "train", "test", 50_000, 5e-5, 200.0, 1.0),
+  "cifar100": (100, "train", "test", 50_000, 5e-5, 200.0, 1.0),
+  "oxford_flowers102": (102, "train+validation", "test", 2_040, 1e-4, 400.0, 256 / 224),
+  "oxford_iiit_pet": (37, "train", "test", 3_680, 1e-4, 400.0, 256 / 224),
 }
 
 
 def get_config(arg=None):
-  arg = config_utils.parse_arg(arg, dataset="cifar10", init="", format="", variant="B/16",
-                               model="crate", res=224)
+  arg = config_utils.parse_arg(
+    arg, dataset="cifar10", init="", format="", variant="B/16", model="crate", res=224
+  )
   if arg.dataset not in DATASETS:
     raise ValueError(f"Unknown dataset {arg.dataset!r}; choose one of {sorted(DATASETS)}.")
   if not arg.init:
-    raise ValueError("finetune.py needs init=PATH: a workdir, a checkpoint step directory or a "
-                     "published checkpoint file.")
+    raise ValueError(
+      "finetune.py needs init=PATH: a workdir, a checkpoint step directory or a "
+      "published checkpoint file."
+    )
   classes, train_split, eval_split, train_images, lr, epochs, resize = DATASETS[arg.dataset]
 
   config = common.base(arg.model, variant=arg.variant)
-  common.imagenet_style_input(config, dataset=arg.dataset, num_classes=classes,
-                              batch_size=256, image_size=arg.res)
+  common.imagenet_style_input(
+    config, dataset=arg.dataset, num_classes=classes, batch_size=256, image_size=arg.res
+  )
   config.input.train_split, config.input.eval_split = train_split, eval_split
   config.input.eval_batch_size = 512
   config.input.eval_resize_ratio = resize  # CIFAR's 32 px images are kept whole.

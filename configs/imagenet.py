@@ -14,6 +14,7 @@ Expected: top-1 66.7 (T/16), 69.2 (S/16), 70.8 (B/16), 71.3 (L/16) after 150 epo
 i.e. about 10 hours; on a TPU v4-32 or 8 H100 expect the same order. The MFU logged
 needs `--config.peak_tflops_per_device` (e.g. 989 for H100 bf16, 275 for TPU v4).
 """
+
 from configs import common
 from crate_jax import config_utils
 
@@ -21,8 +22,9 @@ from crate_jax import config_utils
 def get_config(arg=None):
   arg = config_utils.parse_arg(arg, variant="B/16", batch_size=2048, epochs=150.0)
   config = common.base("crate", variant=arg.variant)
-  common.imagenet_style_input(config, dataset="imagenet2012", num_classes=1000,
-                              batch_size=arg.batch_size)
+  common.imagenet_style_input(
+    config, dataset="imagenet2012", num_classes=1000, batch_size=arg.batch_size
+  )
   config.input.eval_split = "validation"
   config.input.crop = "random_resized"
   config.input.crop_min_area = 0.08  # torchvision's RandomResizedCrop default.

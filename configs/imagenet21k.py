@@ -16,16 +16,17 @@ images) at batch 4096 are about 300k steps: roughly a week for B/16 on 16 A100s 
 estimate from CRATE-B's reported throughput scaled by FLOPs, not a measurement).
 `num_classes` defaults to big_vision's `imagenet21k` (21843); set it to your preparation's.
 """
+
 from configs import common
 from crate_jax import config_utils
 
 
 def get_config(arg=None):
-  arg = config_utils.parse_arg(arg, variant="B/16", batch_size=4096, epochs=91.0,
-                               num_classes=21843)
+  arg = config_utils.parse_arg(arg, variant="B/16", batch_size=4096, epochs=91.0, num_classes=21843)
   config = common.base("crate_alpha", variant=arg.variant)
-  common.imagenet_style_input(config, dataset="imagenet21k", num_classes=arg.num_classes,
-                              batch_size=arg.batch_size)
+  common.imagenet_style_input(
+    config, dataset="imagenet21k", num_classes=arg.num_classes, batch_size=arg.batch_size
+  )
   config.input.crop = "inception"
   config.input.crop_min_area = 0.08
   config.input.flip = True

@@ -9,6 +9,7 @@ one (bitwise on CPU).
 Every process calls every method here: orbax coordinates the processes, writes each
 array shard from the process that holds it and the metadata from process 0.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,16 +42,23 @@ class Checkpointer:
   `unreadable_checkpoints/` directory for inspection: never deleted.
   """
 
-  def __init__(self, directory: epath.PathLike, *, max_to_keep: int, keep_period: int = 0,
-               async_save: bool = True):
+  def __init__(
+    self,
+    directory: epath.PathLike,
+    *,
+    max_to_keep: int,
+    keep_period: int = 0,
+    async_save: bool = True,
+  ):
     self.directory = epath.Path(directory)
     policies = [checkpoint_managers.LatestN(max_to_keep)]
     if keep_period:
       policies.append(checkpoint_managers.EveryNSteps(keep_period))
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
-        enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True)  # Saves cut short (crash, kill -9) leave tmp dirs.
+      preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=True,
+    )  # Saves cut short (crash, kill -9) leave tmp dirs.
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
@@ -85,8 +93,12 @@ class Checkpointer:
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
       except Exception as e:  # pylint: disable=broad-except  # Any failure: try the previous.
-        logging.warning("Checkpoint %s is unreadable (%s: %s); trying the previous one.",
-                        self.directory / str(step), type(e).__name__, e)
+        logging.warning(
+          "Checkpoint %s is unreadable (%s: %s); trying the previous one.",
+          self.directory / str(step),
+          type(e).__name__,
+          e,
+        )
         unreadable.append((step, e))
         continue
       if unreadable:
@@ -96,9 +108,10 @@ class Checkpointer:
     if unreadable:
       step, error = unreadable[0]
       raise CheckpointError(
-          f"None of the checkpoints {[s for s, _ in unreadable]} in {self.directory} can be "
-          f"read into the current config's state; the latest failed with {type(error).__name__}: "
-          f"{error}. If the config changed, use a new workdir.") from error
+        f"None of the checkpoints {[s for s, _ in unreadable]} in {self.directory} can be "
+        f"read into the current config's state; the latest failed with {type(error).__name__}: "
+        f"{error}. If the config changed, use a new workdir."
+      ) from error
     return None
 
   def _move_aside(self, steps: list[int]) -> None:
@@ -135,7 +148,7 @@ class PreemptionWatcher:
     self._signalled = threading.Event()
     self._previous_handler = None
 
-  def __enter__(self) -> "PreemptionWatcher":
+  def __enter__(self) -> PreemptionWatcher:
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
     return self
@@ -147,8 +160,9 @@ class PreemptionWatcher:
 
   def _on_sigterm(self, signum, frame) -> None:
     del signum, frame
-    logging.warning("Received SIGTERM (pid %d): saving a checkpoint and stopping after this "
-                    "step.", os.getpid())
+    logging.warning(
+      "Received SIGTERM (pid %d): saving a checkpoint and stopping after this step.", os.getpid()
+    )
     self._signalled.set()
 
   def reached(self, step: int) -> bool:

@@ -6,13 +6,17 @@ define (a typo in a config file) fails where it happens, and so does an unknown
 schema, for configs assembled in a notebook, and checks the values that only make sense
 together.
 """
+
 from __future__ import annotations
 
+import collections.abc
+from collections.abc import Iterator
 import contextlib
 import dataclasses
 import importlib
 import re
-from typing import Any, Iterator
+import typing
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +29,6 @@ from crate_jax.models import MODELS
 
 # Fields of a model that the trainer sets from `config.input`.
 INPUT_DERIVED_MODEL_FIELDS = ("num_classes", "image_size")
-# String annotations of the models' optional fields -> the type a CLI override parses to.
-_OPTIONAL_TYPES = {"Optional[int]": int, "Optional[str]": str, "Optional[Sequence[int]]": tuple}
 
 
 # Mesh axes: data parallelism, parameter sharding (FSDP/ZeRO-3) and tensor parallelism.
@@ -36,15 +38,15 @@ MESH_AXES = (("data", -1), ("fsdp", 1), ("tensor", 1))
 # (batch, tokens, embed) shard the batch over data x fsdp and keep `embed` whole, while
 # parameters shard `embed` over fsdp.
 SHARDING_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("dict", "tensor"),
-    ("classes", "tensor"),
-    ("head_dim", None),
-    ("tokens", None),
-    ("patch", None),
-    ("layers", None),
+  ("batch", ("data", "fsdp")),
+  ("embed", "fsdp"),
+  ("heads", "tensor"),
+  ("dict", "tensor"),
+  ("classes", "tensor"),
+  ("head_dim", None),
+  ("tokens", None),
+  ("patch", None),
+  ("layers", None),
 )
 
 
@@ -75,20 +77,26 @@ def base_config() -> ml_collections.ConfigDict:
   c.total_steps = config_dict.placeholder(int)
   c.total_epochs = config_dict.placeholder(float)
 
-  c.optimizer = ml_collections.ConfigDict(dict(
+  c.optimizer = ml_collections.ConfigDict(
+    dict(
       name="adamw",  # lion | adamw | adam
       lr=1e-3,  # Peak learning rate.
-      b1=0.9, b2=0.999, eps=1e-8,  # eps: Adam only.
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,  # eps: Adam only.
       weight_decay=0.0,  # Decoupled, multiplied by the learning rate.
       decay_regex=optim.DEFAULT_DECAY_REGEX,  # Parameters (paths) that decay.
       grad_clip_norm=0.0,  # Clip the global gradient norm; 0: off.
-  ))
-  c.schedule = ml_collections.ConfigDict(dict(
+    )
+  )
+  c.schedule = ml_collections.ConfigDict(
+    dict(
       name="cosine",  # cosine | linear | constant (after the linear warmup)
       warmup_steps=config_dict.placeholder(int),
       warmup_epochs=config_dict.placeholder(float),  # Neither set: no warmup.
       end_lr=0.0,
-  ))
+    )
+  )
   c.label_smoothing = 0.0
   c.grad_accum_steps = 1  # Microbatches per update (global batch / this each).
 
@@ -97,25 +105,31 @@ def base_config() -> ml_collections.ConfigDict:
   c.rate_reduction_every_steps = 0  # Layer-wise rate reduction; 0: only at the end.
   c.rate_reduction_num_images = 64  # Fixed eval images it is measured on; 0: off.
   c.checkpoint_every_steps = 1000  # 0: only at the end (and on preemption).
-  c.checkpoint = ml_collections.ConfigDict(dict(
+  c.checkpoint = ml_collections.ConfigDict(
+    dict(
       max_to_keep=3,  # The latest checkpoints kept...
       keep_period=0,  # ...and every step that is a multiple of this (0: none).
       async_save=True,
-  ))
+    )
+  )
   # Fine-tuning: start from a checkpoint instead of a random init (see finetune.py).
-  c.init = ml_collections.ConfigDict(dict(
+  c.init = ml_collections.ConfigDict(
+    dict(
       checkpoint="",  # A workdir, a step directory, or a published file.
       format="workdir",  # workdir (ours, orbax) | published (crate_jax.convert).
-  ))
+    )
+  )
 
   c.mesh = ml_collections.ConfigDict(dict(axes=MESH_AXES, dcn_data=1))
   c.sharding = ml_collections.ConfigDict(dict(rules=SHARDING_RULES))
   c.peak_tflops_per_device = 0.0  # For MFU, e.g. 989 for H100 bf16; 0: no MFU.
-  c.profile = ml_collections.ConfigDict(dict(
+  c.profile = ml_collections.ConfigDict(
+    dict(
       num_steps=0,  # Steps per profile (TensorBoard trace in workdir); 0: off.
       first_step=10,
       every_secs=3600.0,
-  ))
+    )
+  )
   c.lock()
   return c
 
@@ -154,6 +168,20 @@ def _model_class(name: str) -> type:
   return importlib.import_module(f"crate_jax.models.{name}").Model
 
 
+def _placeholder_type(annotation: Any, where: str) -> type:
+  """The type a command-line value of an optional field parses to: `int | None` -> int.
+
+  `Optional[X]` and `X | None` alike; sequences (`Sequence[int] | None`) parse to tuples.
+  """
+  args = [a for a in typing.get_args(annotation) if a is not type(None)]
+  if len(args) != 1:
+    raise NotImplementedError(f"No config type for {where}: {annotation} (not `X | None`).")
+  kind = typing.get_origin(args[0]) or args[0]
+  if isinstance(kind, type) and issubclass(kind, collections.abc.Sequence) and kind is not str:
+    return tuple
+  return kind
+
+
 def model_config(name: str, **fields: Any) -> ml_collections.ConfigDict:
   """A locked ConfigDict with every field of model `name`, defaults overridden by `fields`.
 
@@ -162,15 +190,15 @@ def model_config(name: str, **fields: Any) -> ml_collections.ConfigDict:
   `num_classes` and `image_size` come from `config.input`; `dtype` is a string.
   """
   config = ml_collections.ConfigDict()
-  for field in dataclasses.fields(_model_class(name)):
+  cls = _model_class(name)
+  hints = typing.get_type_hints(cls)
+  for field in dataclasses.fields(cls):
     if field.name in ("parent", "name") + INPUT_DERIVED_MODEL_FIELDS:
       continue
     if field.name == "dtype":
       value = "float32"
     elif field.default is None:
-      if field.type not in _OPTIONAL_TYPES:
-        raise NotImplementedError(f"No config type for {name}.{field.name}: {field.type}.")
-      value = config_dict.placeholder(_OPTIONAL_TYPES[field.type])
+      value = config_dict.placeholder(_placeholder_type(hints[field.name], f"{name}.{field.name}"))
     else:
       value = field.default
     config[field.name] = value
@@ -191,8 +219,9 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
 
 
-def steps(config: ml_collections.ConfigDict, prefix: str, steps_per_epoch: float,
-          default: int | None = None) -> int:
+def steps(
+  config: ml_collections.ConfigDict, prefix: str, steps_per_epoch: float, default: int | None = None
+) -> int:
   """`{prefix}_steps` if set, else `{prefix}_epochs` converted with the dataset size."""
   step_count, epochs = config.get(f"{prefix}_steps"), config.get(f"{prefix}_epochs")
   if step_count is not None:
@@ -219,14 +248,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
   known = _flat_keys(base_config()) | {f"model.{k}" for k in model_config(config.model_name)}
   unknown = sorted(_flat_keys(config) - known)
   if unknown:
-    raise ConfigError(f"Unknown config field(s) {unknown}: not in config_utils.base_config() "
-                     f"or the fields of model {config.model_name!r}.")
+    raise ConfigError(
+      f"Unknown config field(s) {unknown}: not in config_utils.base_config() "
+      f"or the fields of model {config.model_name!r}."
+    )
   if config.optimizer.name not in optim.OPTIMIZERS:
-    raise ConfigError(f"Unknown optimizer.name {config.optimizer.name!r}; choose one of "
-                     f"{optim.OPTIMIZERS}.")
+    raise ConfigError(
+      f"Unknown optimizer.name {config.optimizer.name!r}; choose one of {optim.OPTIMIZERS}."
+    )
   if config.schedule.name not in optim.SCHEDULES:
-    raise ConfigError(f"Unknown schedule.name {config.schedule.name!r}; choose one of "
-                     f"{optim.SCHEDULES}.")
+    raise ConfigError(
+      f"Unknown schedule.name {config.schedule.name!r}; choose one of {optim.SCHEDULES}."
+    )
   try:
     re.compile(config.optimizer.decay_regex)
   except re.error as e:
@@ -253,13 +286,17 @@ def validate_batch(config: ml_collections.ConfigDict, batch_shards: int) -> None
   """The global batch must split into microbatches, and those over the batch shards."""
   batch, accum = config.input.global_batch_size, config.grad_accum_steps
   if batch % accum:
-    raise ConfigError(f"input.global_batch_size={batch} is not divisible by "
-                     f"grad_accum_steps={accum}.")
+    raise ConfigError(
+      f"input.global_batch_size={batch} is not divisible by grad_accum_steps={accum}."
+    )
   if (batch // accum) % batch_shards:
     raise ConfigError(
-        f"The microbatch (input.global_batch_size / grad_accum_steps = {batch // accum}) is not "
-        f"divisible by the {batch_shards} shards of the batch axis ({jax.device_count()} "
-        f"devices, mesh and sharding rules of the config).")
+      f"The microbatch (input.global_batch_size / grad_accum_steps = {batch // accum}) is not "
+      f"divisible by the {batch_shards} shards of the batch axis ({jax.device_count()} "
+      f"devices, mesh and sharding rules of the config)."
+    )
   if config.input.eval_batch_size % batch_shards:
-    raise ConfigError(f"input.eval_batch_size={config.input.eval_batch_size} is not divisible by "
-                     f"the {batch_shards} shards of the batch axis.")
+    raise ConfigError(
+      f"input.eval_batch_size={config.input.eval_batch_size} is not divisible by "
+      f"the {batch_shards} shards of the batch axis."
+    )

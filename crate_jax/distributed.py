@@ -20,16 +20,18 @@ Without the first three flags, the environment decides:
   * Anything else: a single process; jax.distributed is not initialised.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from collections.abc import Sequence
 import os
 import re
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 from absl import flags
 from absl import logging
 import jax
 
-_HOST_PORT = re.compile(r'(\[[0-9a-fA-F:.]+\]|[^\s:\[\]]+):(\d{1,5})')
+_HOST_PORT = re.compile(r"(\[[0-9a-fA-F:.]+\]|[^\s:\[\]]+):(\d{1,5})")
 
 
 class Plan(NamedTuple):
@@ -42,21 +44,25 @@ class Plan(NamedTuple):
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """Defines the flags described in the module docstring."""
   flags.DEFINE_string(
-      'coordinator_address', None,
-      'HOST:PORT of the coordinator service that process 0 starts. Leave '
-      'unset on Cloud TPU, SLURM (srun) and Open MPI, where it is detected.',
-      flag_values=flag_values)
+    "coordinator_address",
+    None,
+    "HOST:PORT of the coordinator service that process 0 starts. Leave "
+    "unset on Cloud TPU, SLURM (srun) and Open MPI, where it is detected.",
+    flag_values=flag_values,
+  )
   flags.DEFINE_integer(
-      'num_processes', None, 'Number of processes in the job.',
-      flag_values=flag_values)
+    "num_processes", None, "Number of processes in the job.", flag_values=flag_values
+  )
   flags.DEFINE_integer(
-      'process_id', None, 'Index of this process, in [0, num_processes).',
-      flag_values=flag_values)
+    "process_id", None, "Index of this process, in [0, num_processes).", flag_values=flag_values
+  )
   flags.DEFINE_list(
-      'local_device_ids', None,
-      'Comma-separated ids of the local accelerators this process uses '
-      '(default: all; one per process under SLURM and Open MPI).',
-      flag_values=flag_values)
+    "local_device_ids",
+    None,
+    "Comma-separated ids of the local accelerators this process uses "
+    "(default: all; one per process under SLURM and Open MPI).",
+    flag_values=flag_values,
+  )
 
 
 def initialize_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -65,22 +71,20 @@ def initialize_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   try:
     ids = None if ids is None else [int(i) for i in ids]
   except ValueError:
-    raise ValueError(
-        f'--local_device_ids must be comma-separated integers, got {ids}.'
-    ) from None
+    raise ValueError(f"--local_device_ids must be comma-separated integers, got {ids}.") from None
   initialize(
-      coordinator_address=flag_values.coordinator_address,
-      num_processes=flag_values.num_processes,
-      process_id=flag_values.process_id,
-      local_device_ids=ids,
+    coordinator_address=flag_values.coordinator_address,
+    num_processes=flag_values.num_processes,
+    process_id=flag_values.process_id,
+    local_device_ids=ids,
   )
 
 
 def initialize(
-    coordinator_address: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-    local_device_ids: Sequence[int] | None = None,
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  local_device_ids: Sequence[int] | None = None,
 ) -> None:
   """Initialises jax.distributed when this is a multi-process job.
 
@@ -98,38 +102,42 @@ def initialize(
     RuntimeError: A cluster was detected but JAX could not configure itself.
   """
   if jax.distributed.is_initialized():
-    logging.info('jax.distributed is already initialised.')
+    logging.info("jax.distributed is already initialised.")
     return
   plan = resolve(
-      os.environ, _on_cloud_tpu_vm(), coordinator_address, num_processes,
-      process_id, local_device_ids)
+    os.environ, _on_cloud_tpu_vm(), coordinator_address, num_processes, process_id, local_device_ids
+  )
   if plan is None:
-    logging.info('No multi-process flags or cluster found: single process.')
+    logging.info("No multi-process flags or cluster found: single process.")
   else:
-    logging.info('Initialising jax.distributed (%s): %s', plan.source,
-                 plan.kwargs)
+    logging.info("Initialising jax.distributed (%s): %s", plan.source, plan.kwargs)
     try:
       jax.distributed.initialize(**plan.kwargs)
     except ValueError as e:
-      if plan.source == 'flags':
+      if plan.source == "flags":
         raise
       raise RuntimeError(
-          f'{plan.source} environment found, but JAX could not configure '
-          f'itself from it ({e}). Pass --coordinator_address, '
-          '--num_processes and --process_id explicitly.') from e
+        f"{plan.source} environment found, but JAX could not configure "
+        f"itself from it ({e}). Pass --coordinator_address, "
+        "--num_processes and --process_id explicitly."
+      ) from e
   logging.info(
-      'Process %d of %d with %d of %d devices: %s', jax.process_index(),
-      jax.process_count(), jax.local_device_count(), jax.device_count(),
-      jax.local_devices())
+    "Process %d of %d with %d of %d devices: %s",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+    jax.local_devices(),
+  )
 
 
 def resolve(
-    env: Mapping[str, str],
-    on_cloud_tpu: bool,
-    coordinator_address: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-    local_device_ids: Sequence[int] | None = None,
+  env: Mapping[str, str],
+  on_cloud_tpu: bool,
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  local_device_ids: Sequence[int] | None = None,
 ) -> Plan | None:
   """Decides how to initialise jax.distributed; None means a single process.
 
@@ -152,35 +160,40 @@ def resolve(
   if local_device_ids is not None:
     ids = list(local_device_ids)
     if not ids or min(ids) < 0 or len(set(ids)) != len(ids):
-      raise ValueError('--local_device_ids must be distinct non-negative '
-                       f'integers, got {ids}.')
-    kwargs['local_device_ids'] = ids
+      raise ValueError(f"--local_device_ids must be distinct non-negative integers, got {ids}.")
+    kwargs["local_device_ids"] = ids
 
-  given = dict(coordinator_address=coordinator_address,
-               num_processes=num_processes, process_id=process_id)
+  given = dict(
+    coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+  )
   if any(v is not None for v in given.values()):
-    missing = [f'--{k}' for k, v in given.items() if v is None]
+    missing = [f"--{k}" for k, v in given.items() if v is None]
     if missing:
       raise ValueError(
-          '--coordinator_address, --num_processes and --process_id go '
-          f'together; missing {", ".join(missing)}.')
+        "--coordinator_address, --num_processes and --process_id go "
+        f"together; missing {', '.join(missing)}."
+      )
     if not _is_host_port(coordinator_address):
       raise ValueError(
-          '--coordinator_address must be HOST:PORT, e.g. 10.0.0.1:1234 or '
-          f'[::1]:1234, got {coordinator_address!r}.')
+        "--coordinator_address must be HOST:PORT, e.g. 10.0.0.1:1234 or "
+        f"[::1]:1234, got {coordinator_address!r}."
+      )
     if num_processes < 1:
-      raise ValueError(f'--num_processes must be >= 1, got {num_processes}.')
+      raise ValueError(f"--num_processes must be >= 1, got {num_processes}.")
     if not 0 <= process_id < num_processes:
       raise ValueError(
-          f'--process_id must be in [0, {num_processes}) for '
-          f'--num_processes={num_processes}, got {process_id}.')
-    return Plan('flags', given | kwargs)
+        f"--process_id must be in [0, {num_processes}) for "
+        f"--num_processes={num_processes}, got {process_id}."
+      )
+    return Plan("flags", given | kwargs)
 
   cluster = _detect_cluster(env, on_cloud_tpu)
   if cluster is None:
     if kwargs:
-      raise ValueError('--local_device_ids needs a multi-process job: pass '
-                       '--coordinator_address, --num_processes, --process_id.')
+      raise ValueError(
+        "--local_device_ids needs a multi-process job: pass "
+        "--coordinator_address, --num_processes, --process_id."
+      )
     return None
   return Plan(cluster, kwargs)
 
@@ -188,18 +201,19 @@ def resolve(
 def _detect_cluster(env: Mapping[str, str], on_cloud_tpu: bool) -> str | None:
   """Names the multi-process environment that JAX can configure itself from."""
   if on_cloud_tpu:
-    return 'Cloud TPU'
-  if 'SLURM_JOB_ID' in env and _int(env, 'SLURM_NTASKS') > 1:
-    if 'SLURM_STEP_NODELIST' not in env:
+    return "Cloud TPU"
+  if "SLURM_JOB_ID" in env and _int(env, "SLURM_NTASKS") > 1:
+    if "SLURM_STEP_NODELIST" not in env:
       raise ValueError(
-          f'SLURM job with SLURM_NTASKS={env["SLURM_NTASKS"]}, but this '
-          'process was not started by srun: run `srun python -m '
-          'crate_jax.main ...` to start one process per task.')
-    return 'SLURM'
-  if _int(env, 'OMPI_COMM_WORLD_SIZE') > 1:
-    return 'Open MPI'
-  if 'KUBERNETES_SERVICE_HOST' in env and 'JOB_COMPLETION_INDEX' in env:
-    return 'Kubernetes'
+        f"SLURM job with SLURM_NTASKS={env['SLURM_NTASKS']}, but this "
+        "process was not started by srun: run `srun python -m "
+        "crate_jax.main ...` to start one process per task."
+      )
+    return "SLURM"
+  if _int(env, "OMPI_COMM_WORLD_SIZE") > 1:
+    return "Open MPI"
+  if "KUBERNETES_SERVICE_HOST" in env and "JOB_COMPLETION_INDEX" in env:
+    return "Kubernetes"
   return None
 
 
@@ -207,7 +221,7 @@ def _int(env: Mapping[str, str], name: str) -> int:
   try:
     return int(env.get(name, 0))
   except ValueError:
-    raise ValueError(f'{name} must be an integer, got {env[name]!r}.') from None
+    raise ValueError(f"{name} must be an integer, got {env[name]!r}.") from None
 
 
 def _is_host_port(address: str) -> bool:
@@ -223,4 +237,4 @@ def _on_cloud_tpu_vm() -> bool:
     from jax._src import cloud_tpu_init  # pylint: disable=g-import-not-at-top
   except ImportError:
     return False
-  return getattr(cloud_tpu_init, 'running_in_cloud_tpu_vm', False)
+  return getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False)

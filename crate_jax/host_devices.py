@@ -17,6 +17,7 @@ Call it before JAX initialises its backends (before the first computation);
 `python -m crate_jax.main --cpu_devices=N` does. The global batch must divide by `n`
 (the trainer checks). Other platforms are unaffected: only the CPU backend reads these settings.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,8 +43,9 @@ def use_cpu_devices(count: int) -> None:
     jax.config.update("jax_num_cpu_devices", count)
   except RuntimeError as e:
     raise RuntimeError(
-        f"Cannot make {count} CPU devices: JAX has already initialised its backends. Call "
-        "crate_jax.host_devices.use_cpu_devices() before the first JAX computation.") from e
+      f"Cannot make {count} CPU devices: JAX has already initialised its backends. Call "
+      "crate_jax.host_devices.use_cpu_devices() before the first JAX computation."
+    ) from e
   flags = os.environ.get("XLA_FLAGS", "")
   if _SINGLE_THREADED not in flags.split():
     os.environ["XLA_FLAGS"] = f"{flags} {_SINGLE_THREADED}".strip()

@@ -16,6 +16,7 @@ It must run before JAX starts its threads (before the first computation); `crate
 calls it first thing (`--reuse_host_memory=false` turns it off). It does nothing where the
 C library is not glibc.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -55,8 +56,11 @@ def reuse_freed_memory() -> bool:
   if libc is None:
     logging.info("Not glibc: leaving the host allocator as it is.")
     return False
-  settings = {"M_ARENA_MAX": (_M_ARENA_MAX, 1), "M_MMAP_MAX": (_M_MMAP_MAX, 0),
-              "M_TRIM_THRESHOLD": (_M_TRIM_THRESHOLD, _INT_MAX)}
+  settings = {
+    "M_ARENA_MAX": (_M_ARENA_MAX, 1),
+    "M_MMAP_MAX": (_M_MMAP_MAX, 0),
+    "M_TRIM_THRESHOLD": (_M_TRIM_THRESHOLD, _INT_MAX),
+  }
   failed = [name for name, (param, value) in settings.items() if libc.mallopt(param, value) != 1]
   if failed:
     logging.warning("mallopt refused %s; step buffers may be page-faulted in every step.", failed)

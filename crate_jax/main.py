@@ -8,6 +8,7 @@ Any config field can be overridden with `--config.<field>=<value>`; unknown fiel
 values of the wrong type are errors. Rerunning a command resumes from the workdir's
 latest checkpoint. Multi-process jobs: see `crate_jax.distributed` (flags or detection).
 """
+
 import logging as std_logging
 import sys
 
@@ -25,17 +26,26 @@ from crate_jax import train
 from crate_jax.data import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, optionally with an argument: configs/imagenet.py:variant=B/16.",
-    lock_config=True)
+  "config",
+  None,
+  "Config file, optionally with an argument: configs/imagenet.py:variant=B/16.",
+  lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and plots.")
 _REUSE_HOST_MEMORY = flags.DEFINE_bool(
-    "reuse_host_memory", True, "Set glibc malloc so that XLA:CPU steps reuse their buffers "
-    "instead of page-faulting them in every step (see crate_jax/host_memory.py).")
+  "reuse_host_memory",
+  True,
+  "Set glibc malloc so that XLA:CPU steps reuse their buffers "
+  "instead of page-faulting them in every step (see crate_jax/host_memory.py).",
+)
 _CPU_DEVICES = flags.DEFINE_integer(
-    "cpu_devices", 0, "On a CPU host: run XLA:CPU as this many single-threaded devices (one per "
-    "core) and train data-parallel over them; measured 0-14% faster than one multi-threaded "
-    "device on 2 cores (see crate_jax/host_devices.py). 0: XLA's default, one device.",
-    lower_bound=0)
+  "cpu_devices",
+  0,
+  "On a CPU host: run XLA:CPU as this many single-threaded devices (one per "
+  "core) and train data-parallel over them; measured 0-14% faster than one multi-threaded "
+  "device on 2 cores (see crate_jax/host_devices.py). 0: XLA's default, one device.",
+  lower_bound=0,
+)
 flags.mark_flags_as_required(["config", "workdir"])
 distributed.define_flags()
 
@@ -50,9 +60,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
       path = arg.partition("=")[0].split(".")
       field = next((f for f in path[1:] if f"'{f}'" in message), None)
       if path[0] == "--config" and field:
-        hint = message[message.find("Did you mean"):] if "Did you mean" in message else ""
-        sys.exit(f"FATAL Flags parsing error: unknown config field {field!r} in {arg}. "
-                 + hint.rstrip("'\""))
+        hint = message[message.find("Did you mean") :] if "Did you mean" in message else ""
+        sys.exit(
+          f"FATAL Flags parsing error: unknown config field {field!r} in {arg}. "
+          + hint.rstrip("'\"")
+        )
     raise  # An error inside the config file: its traceback says where.
 
 
@@ -77,8 +89,11 @@ def main(argv: list[str]) -> None:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except config_utils.ConfigError as e:
     sys.exit(f"FATAL Config error: {e}")
-  except (pipeline.DatasetNotPreparedError, checkpointing.CheckpointError,
-          train.TrainingDivergedError) as e:
+  except (
+    pipeline.DatasetNotPreparedError,
+    checkpointing.CheckpointError,
+    train.TrainingDivergedError,
+  ) as e:
     sys.exit(f"FATAL {type(e).__name__}: {e}")
 
 

@@ -15,6 +15,7 @@ model, and works under `jit`, `vmap` and `grad`. Conventions:
 * Products of tokens with a weight matrix go through `token_matmul`, on the 2D
   `(tokens, d)` view of the activations (see there why).
 """
+
 from __future__ import annotations
 
 import functools
@@ -223,18 +224,20 @@ def crate_ista(x: Array, dictionary: Array, eta: float = 0.1, lam: float = 0.1) 
   return jax.nn.relu(x + eta * token_matmul(x, folded) - eta * lam)
 
 
-def crate_ista_three_matmul(x: Array, dictionary: Array, eta: float = 0.1, lam: float = 0.1) -> Array:
+def crate_ista_three_matmul(
+  x: Array, dictionary: Array, eta: float = 0.1, lam: float = 0.1
+) -> Array:
   """The published code's literal form of `crate_ista` (three matmuls; reference only)."""
   return jax.nn.relu(x + eta * (x @ dictionary - x @ dictionary.T @ dictionary) - eta * lam)
 
 
 def overcomplete_ista(
-    x: Array,
-    dictionary: Array,
-    decoder: Array,
-    eta: float = 0.1,
-    lam: float = 0.1,
-    num_steps: int = 2,
+  x: Array,
+  dictionary: Array,
+  decoder: Array,
+  eta: float = 0.1,
+  lam: float = 0.1,
+  num_steps: int = 2,
 ) -> Array:
   """CRATE-alpha's overcomplete dictionary learning (ODL) block.
 
@@ -355,7 +358,7 @@ def subspace_self_attention(w: Array, scale: float) -> tuple[Array, Array]:
 
 
 def mssa_published(
-    x: Array, u: Array, out_kernel: Array, out_bias: Array | None
+  x: Array, u: Array, out_kernel: Array, out_bias: Array | None
 ) -> tuple[Array, Array, Array]:
   """MSSA as the published code computes it (untied, scaled, biased output).
 
@@ -374,7 +377,7 @@ def mssa_published(
   chex.assert_equal(u.shape[1:], out_kernel.shape[:2])
   k, p, d_out = out_kernel.shape
   w = head_projections(x, u)
-  heads, attn = subspace_attention_heads_first(_heads_first(w), p ** -0.5)
+  heads, attn = subspace_attention_heads_first(_heads_first(w), p**-0.5)
   y = token_matmul(_tokens_major(heads), out_kernel.reshape(k * p, d_out))
   if out_bias is not None:
     y = y + out_bias

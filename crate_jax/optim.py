@@ -11,6 +11,7 @@ and leaves out biases, LayerNorm scales, `cls` and `pos_embedding`. The publishe
 CRATE-alpha code used `.*/kernel$`, which silently skipped `D` and `D1`, most of its
 parameters.
 """
+
 from __future__ import annotations
 
 import re
@@ -38,8 +39,9 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
   return optax.softmax_cross_entropy(logits.astype(jnp.float32), labels)
 
 
-def create_schedule(name: str, *, base_lr: float, total_steps: int, warmup_steps: int = 0,
-                    end_lr: float = 0.0) -> optax.Schedule:
+def create_schedule(
+  name: str, *, base_lr: float, total_steps: int, warmup_steps: int = 0, end_lr: float = 0.0
+) -> optax.Schedule:
   """Linear warmup from 0 to `base_lr` over `warmup_steps`, then `name` decay to `end_lr`.
 
   'cosine' and 'linear' reach `end_lr` at `total_steps`; 'constant' stays at `base_lr`.
@@ -73,8 +75,9 @@ def decay_mask(params: Any, regex: str = DEFAULT_DECAY_REGEX) -> Any:
   return jax.tree_util.tree_map_with_path(lambda p, _: bool(pattern.search(path_str(p))), params)
 
 
-def create_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule,
-                     params: Any) -> optax.GradientTransformation:
+def create_optimizer(
+  config: ml_collections.ConfigDict, schedule: optax.Schedule, params: Any
+) -> optax.GradientTransformation:
   """The optimizer of `config.optimizer`, with optional global-norm clipping first.
 
   Args:
@@ -92,12 +95,15 @@ def create_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule
   if name == "lion":
     tx = optax.lion(schedule, b1=config.b1, b2=config.b2, weight_decay=wd, mask=mask)
   elif name == "adamw":
-    tx = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=wd,
-                     mask=mask)
+    tx = optax.adamw(
+      schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=wd, mask=mask
+    )
   else:
     if wd:  # Adding decay silently would make it AdamW under another name.
-      raise ValueError(f"optimizer.name='adam' has no weight decay (got {wd}); use 'adamw' "
-                       "for Adam with decoupled weight decay.")
+      raise ValueError(
+        f"optimizer.name='adam' has no weight decay (got {wd}); use 'adamw' "
+        "for Adam with decoupled weight decay."
+      )
     tx = optax.adam(schedule, b1=config.b1, b2=config.b2, eps=config.eps)
   if config.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)

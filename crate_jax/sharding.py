@@ -15,17 +15,23 @@ outputs and the models' `nn.with_logical_constraint` hints (GSPMD style). Explic
 explicit out-shardings on ambiguous ops inside the models, which are written as plain
 `jnp` code.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
+from collections.abc import Sequence
 import contextlib
 import math
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from absl import logging
 import flax.linen as nn
 import jax
 from jax.experimental import mesh_utils
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 
@@ -47,13 +53,16 @@ def mesh_shape(axes: Sequence[tuple[str, int]], num_devices: int) -> dict[str, i
   if fill:
     sizes[fill[0]] = num_devices // fixed
   if math.prod(sizes.values()) != num_devices:
-    raise ValueError(f"Mesh {sizes} has {math.prod(sizes.values())} devices, but there are "
-                     f"{num_devices}; use -1 for one axis to take the rest.")
+    raise ValueError(
+      f"Mesh {sizes} has {math.prod(sizes.values())} devices, but there are "
+      f"{num_devices}; use -1 for one axis to take the rest."
+    )
   return sizes
 
 
-def create_mesh(config: ml_collections.ConfigDict,
-                devices: Sequence[jax.Device] | None = None) -> Mesh:
+def create_mesh(
+  config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
   """The device mesh of `config.mesh`: `axes` ((name, size), ...) and `dcn_data`.
 
   With `dcn_data > 1` the 'data' axis spans `dcn_data` slices (or processes, where devices
@@ -66,8 +75,9 @@ def create_mesh(config: ml_collections.ConfigDict,
   dcn = config.mesh.dcn_data
   if dcn <= 1:
     shape = mesh_shape(axes, len(devices))
-    return jax.make_mesh(tuple(shape.values()), names, axis_types=(AxisType.Auto,) * len(names),
-                         devices=devices)
+    return jax.make_mesh(
+      tuple(shape.values()), names, axis_types=(AxisType.Auto,) * len(names), devices=devices
+    )
   if "data" not in names:
     raise ValueError(f"mesh.dcn_data={dcn} needs a 'data' axis in mesh.axes={axes}.")
   if len(devices) % dcn:
@@ -78,20 +88,25 @@ def create_mesh(config: ml_collections.ConfigDict,
   # nodes; CPU devices report slice_index 0 for every process).
   num_slices = len({getattr(d, "slice_index", 0) for d in devices})
   device_array = mesh_utils.create_hybrid_device_mesh(
-      list(per_slice.values()), dcn_shape, devices, process_is_granule=num_slices != dcn)
+    list(per_slice.values()), dcn_shape, devices, process_is_granule=num_slices != dcn
+  )
   return Mesh(device_array, names, axis_types=(AxisType.Auto,) * len(names))
 
 
 def logical_rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
   """`config.sharding.rules` as flax logical-axis rules; checks the mesh axes they name."""
-  rules = tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
-                for name, axes in config.sharding.rules)
+  rules = tuple(
+    (name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
+    for name, axes in config.sharding.rules
+  )
   known = {name for name, _ in config.mesh.axes}
   for name, axes in rules:
-    for axis in (axes if isinstance(axes, tuple) else (axes,)):
+    for axis in axes if isinstance(axes, tuple) else (axes,):
       if axis is not None and axis not in known:
-        raise ValueError(f"sharding.rules maps {name!r} to mesh axis {axis!r}, which is not in "
-                         f"mesh.axes {sorted(known)}.")
+        raise ValueError(
+          f"sharding.rules maps {name!r} to mesh axis {axis!r}, which is not in "
+          f"mesh.axes {sorted(known)}."
+        )
   return rules
 
 
@@ -115,13 +130,20 @@ def state_shardings(logical_specs: Any, shapes: Any, mesh: Mesh, rules: LogicalR
   is dropped for that array, which is then replicated along it, with a log line: jit
   requires divisible shardings for its inputs and outputs.
   """
+
   def convert(spec: P, shape: Any) -> NamedSharding:
     mesh_axes = list(nn.logical_to_mesh_axes(spec, rules))
     for dim, axes in enumerate(mesh_axes):
       size = _axis_size(mesh, axes)
       if shape.shape[dim] % size:
-        logging.info("Replicating dim %d (size %d) of a %s array: mesh axes %s (%d) do not "
-                     "divide it.", dim, shape.shape[dim], shape.shape, axes, size)
+        logging.info(
+          "Replicating dim %d (size %d) of a %s array: mesh axes %s (%d) do not divide it.",
+          dim,
+          shape.shape[dim],
+          shape.shape,
+          axes,
+          size,
+        )
         mesh_axes[dim] = None
     return NamedSharding(mesh, P(*mesh_axes))
 
@@ -140,5 +162,6 @@ def batch_divisor(mesh: Mesh, rules: LogicalRules) -> int:
 
 def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
   """This process's part of a batch -> global arrays (the global batch is over all processes)."""
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-                      batch)
+  return jax.tree.map(
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch
+  )

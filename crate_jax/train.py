@@ -18,22 +18,20 @@ resumes from the latest checkpoint; with `--config.total_steps=0` it only evalua
 latest checkpoint and redraws the plot.
 """
 
+from collections.abc import Callable
 import functools
 import time
-from typing import Any, Callable
-
-# Must precede any clu import: lets clu import without TensorFlow.
-from crate_jax import metric_writers  # pylint: disable=g-bad-import-order
+from typing import Any
 
 from absl import logging
 from clu import metrics
-from clu import periodic_actions
 from etils import epath
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 import optax
@@ -43,7 +41,9 @@ from crate_jax import checkpointing
 from crate_jax import config_utils
 from crate_jax import convert
 from crate_jax import optim
+from crate_jax import periodic
 from crate_jax import sharding
+from crate_jax import writers
 from crate_jax.data import pipeline
 from crate_jax.evaluators import classification
 from crate_jax.evaluators import rate_reduction
@@ -85,8 +85,11 @@ def _init_params(model: nn.Module, rng: jax.Array, image_size: int) -> Any:
 
 def _unbox_shapes(boxed: Any) -> Any:
   """Removes the logical-axis boxes of shapes (`nn.unbox` would add sharding constraints)."""
-  return jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, boxed,
-                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  return jax.tree.map(
+    lambda x: x.value if isinstance(x, nn.Partitioned) else x,
+    boxed,
+    is_leaf=lambda x: isinstance(x, nn.Partitioned),
+  )
 
 
 def abstract_params(model: nn.Module, image_size: int) -> Any:
@@ -95,45 +98,63 @@ def abstract_params(model: nn.Module, image_size: int) -> Any:
   Nothing is placed on a device, not even the key: the AOT check may run where the default
   backend is a compile-only TPU topology.
   """
-  return _unbox_shapes(jax.eval_shape(
-      functools.partial(_init_params, model, image_size=image_size), _abstract_key()))
+  return _unbox_shapes(
+    jax.eval_shape(functools.partial(_init_params, model, image_size=image_size), _abstract_key())
+  )
 
 
 def _abstract_key() -> jax.ShapeDtypeStruct:
   return jax.eval_shape(jax.random.PRNGKey, 0)
 
 
-def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation,
-                         image_size: int) -> tuple[TrainState, TrainState]:
+def abstract_train_state(
+  model: nn.Module, tx: optax.GradientTransformation, image_size: int
+) -> tuple[TrainState, TrainState]:
   """Shapes of the train state and the logical PartitionSpec of every leaf.
 
   Parameters carry their logical axis names from the model; the optimizer's
   parameter-shaped leaves (moments) take those of their parameter, the rest (counts,
   step, rng) are replicated.
   """
-  boxed = jax.eval_shape(functools.partial(_init_params, model, image_size=image_size),
-                         _abstract_key())
+  boxed = jax.eval_shape(
+    functools.partial(_init_params, model, image_size=image_size), _abstract_key()
+  )
   param_specs = nn.get_partition_spec(boxed)
   params = _unbox_shapes(boxed)
   opt_state = jax.eval_shape(tx.init, params)
-  opt_specs = optax.tree_map_params(tx, lambda _, spec: spec, opt_state, param_specs,
-                                    transform_non_params=lambda _: P(),
-                                    is_leaf=lambda x: isinstance(x, P))
-  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                        opt_state=opt_state, rng=_abstract_key())
+  opt_specs = optax.tree_map_params(
+    tx,
+    lambda _, spec: spec,
+    opt_state,
+    param_specs,
+    transform_non_params=lambda _: P(),
+    is_leaf=lambda x: isinstance(x, P),
+  )
+  abstract = TrainState(
+    step=jax.ShapeDtypeStruct((), jnp.int32),
+    params=params,
+    opt_state=opt_state,
+    rng=_abstract_key(),
+  )
   specs = TrainState(step=P(), params=param_specs, opt_state=opt_specs, rng=P())
   return abstract, specs
 
 
 def with_shardings(abstract: Any, shardings: Any) -> Any:
   """`ShapeDtypeStruct`s carrying shardings: what orbax restores into and AOT compiles for."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      abstract, shardings)
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
+  )
 
 
-def create_train_state(model: nn.Module, tx: optax.GradientTransformation, image_size: int,
-                       seed: int, shardings: TrainState,
-                       pretrained: dict[tuple[str, ...], np.ndarray] | None = None) -> TrainState:
+def create_train_state(
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  image_size: int,
+  seed: int,
+  shardings: TrainState,
+  pretrained: dict[tuple[str, ...], np.ndarray] | None = None,
+) -> TrainState:
   """A freshly initialised state, created directly in its shardings (never whole on one device).
 
   Args:
@@ -144,6 +165,7 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, image
     shardings: of the state (`sharding.state_shardings`).
     pretrained: flat `{path: array}` replacing initialised parameters (fine-tuning).
   """
+
   def init(rng, pretrained):
     params_rng, rng = jax.random.split(rng)
     params = nn.unbox(_init_params(model, params_rng, image_size))
@@ -151,8 +173,9 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, image
       flat = flax.traverse_util.flatten_dict(params)
       flat.update({k: v.astype(flat[k].dtype) for k, v in pretrained.items()})
       params = flax.traverse_util.unflatten_dict(flat)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=rng)
+    return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng
+    )
 
   return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed), pretrained or {})
 
@@ -164,12 +187,20 @@ def _microbatches(batch: dict[str, jax.Array], num: int) -> dict[str, jax.Array]
   microbatch, so splitting needs no communication.
   """
   return jax.tree.map(
-      lambda x: jnp.swapaxes(x.reshape(x.shape[0] // num, num, *x.shape[1:]), 0, 1), batch)
+    lambda x: jnp.swapaxes(x.reshape(x.shape[0] // num, num, *x.shape[1:]), 0, 1), batch
+  )
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    state_shardings: TrainState, batch_sharding: NamedSharding, *,
-                    label_smoothing: float = 0.0, grad_accum_steps: int = 1) -> Callable:
+def make_train_step(
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  state_shardings: TrainState,
+  batch_sharding: NamedSharding,
+  *,
+  label_smoothing: float = 0.0,
+  grad_accum_steps: int = 1,
+) -> Callable:
   """`train_step(state, batch) -> (state, TrainMetrics)`, jitted and donating the state.
 
   With `grad_accum_steps > 1` the batch is split into that many microbatches whose
@@ -178,8 +209,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
   """
 
   def loss_fn(params, batch, rng):
-    logits, _ = model.apply({"params": params}, batch["image"], train=True,
-                            rngs={"dropout": rng})
+    logits, _ = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
     loss = jnp.mean(optim.cross_entropy(logits, batch["labels"], label_smoothing))
     accuracy = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(batch["labels"], -1))
     return loss, accuracy
@@ -191,6 +221,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     if grad_accum_steps == 1:
       (loss, accuracy), grads = grad_fn(state.params, batch, rng)
     else:
+
       def accumulate(carry, xs):
         index, microbatch = xs
         (loss, accuracy), grads = grad_fn(state.params, microbatch, jax.random.fold_in(rng, index))
@@ -198,32 +229,50 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
 
       zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
       (grads, loss, accuracy), _ = jax.lax.scan(
-          accumulate, zeros, (jnp.arange(grad_accum_steps), _microbatches(batch, grad_accum_steps)))
+        accumulate, zeros, (jnp.arange(grad_accum_steps), _microbatches(batch, grad_accum_steps))
+      )
       grads, loss, accuracy = jax.tree.map(lambda x: x / grad_accum_steps, (grads, loss, accuracy))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     step_metrics = TrainMetrics.single_from_model_output(
-        loss=loss, accuracy=accuracy, learning_rate=schedule(state.step),
-        grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
-        update_norm=optax.tree.norm(updates))
+      loss=loss,
+      accuracy=accuracy,
+      learning_rate=schedule(state.step),
+      grad_norm=optax.tree.norm(grads),
+      param_norm=optax.tree.norm(params),
+      update_norm=optax.tree.norm(updates),
+    )
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), step_metrics
 
   replicated = NamedSharding(batch_sharding.mesh, P())
-  return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
-                 out_shardings=(state_shardings, replicated), donate_argnums=0)
+  return jax.jit(
+    train_step,
+    in_shardings=(state_shardings, batch_sharding),
+    out_shardings=(state_shardings, replicated),
+    donate_argnums=0,
+  )
 
 
-def make_evaluator(model: nn.Module, param_shardings: Any,
-                   batch_sharding: NamedSharding) -> classification.ClassificationEvaluator:
+def make_evaluator(
+  model: nn.Module, param_shardings: Any, batch_sharding: NamedSharding
+) -> classification.ClassificationEvaluator:
   """Top-1, top-5 and loss of sharded parameters on global batches (see `evaluate`)."""
-  return classification.ClassificationEvaluator(model, jit=functools.partial(
-      jax.jit, in_shardings=(param_shardings, batch_sharding),
-      out_shardings=NamedSharding(batch_sharding.mesh, P())))
+  return classification.ClassificationEvaluator(
+    model,
+    jit=functools.partial(
+      jax.jit,
+      in_shardings=(param_shardings, batch_sharding),
+      out_shardings=NamedSharding(batch_sharding.mesh, P()),
+    ),
+  )
 
 
-def evaluate(evaluator: classification.ClassificationEvaluator, params: Any,
-             input_config: ml_collections.ConfigDict,
-             batch_sharding: NamedSharding) -> dict[str, float]:
+def evaluate(
+  evaluator: classification.ClassificationEvaluator,
+  params: Any,
+  input_config: ml_collections.ConfigDict,
+  batch_sharding: NamedSharding,
+) -> dict[str, float]:
   """One pass over the evaluation split; padding (`mask` 0) is excluded: exact coverage."""
   batches = pipeline.make_eval_iterator(input_config)
   return evaluator.run(params, (sharding.put_batch(b, batch_sharding) for b in batches))
@@ -251,20 +300,22 @@ def load_pretrained(config: ml_collections.ConfigDict) -> dict[str, Any]:
     overrides = {"heads": config.model.heads} if config.model.heads else {}
     return convert.load_published(str(path), **overrides)[1]["params"]
   if (path / "checkpoints").exists():  # A workdir: its latest checkpoint.
-    manager = ocp.CheckpointManager(path / "checkpoints",
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    manager = ocp.CheckpointManager(
+      path / "checkpoints", options=ocp.CheckpointManagerOptions(read_only=True)
+    )
     if manager.latest_step() is None:
       raise FileNotFoundError(f"No checkpoint in {path / 'checkpoints'}.")
     path = path / "checkpoints" / str(manager.latest_step())
   if not (path / "state").exists():
-    raise FileNotFoundError(f"init.checkpoint={str(path)!r} is neither a workdir nor a "
-                            "checkpoint step directory (with a `state` item).")
+    raise FileNotFoundError(
+      f"init.checkpoint={str(path)!r} is neither a workdir nor a "
+      "checkpoint step directory (with a `state` item)."
+    )
   logging.info("Loading parameters from %s.", path)
   return jax.device_get(ocp.StandardCheckpointer().restore(path / "state")["params"])
 
 
-def adapt_pretrained(pretrained: dict[str, Any],
-                     target_shapes: Any) -> dict[tuple[str, ...], Any]:
+def adapt_pretrained(pretrained: dict[str, Any], target_shapes: Any) -> dict[tuple[str, ...], Any]:
   """Fits pretrained parameters to the model being trained; returns `{path: array}`.
 
   Converts between scanned and unrolled layer stacks, resamples the position embedding
@@ -300,7 +351,7 @@ def adapt_pretrained(pretrained: dict[str, Any],
 
 
 def _square_grid(num_tokens: int) -> tuple[int, int]:
-  side = int(round(num_tokens ** 0.5))
+  side = int(round(num_tokens**0.5))
   if side * side != num_tokens:
     raise ValueError(f"Cannot resample a position embedding of {num_tokens} tokens: not square.")
   return side, side
@@ -326,25 +377,40 @@ def _check_finite(step: int, step_metrics: TrainMetrics, last_checkpoint: int | 
   loss, grad_norm = jax.device_get((step_metrics.loss.compute(), step_metrics.grad_norm.compute()))
   if not (np.isfinite(loss) and np.isfinite(grad_norm)):
     raise TrainingDivergedError(
-        f"Training diverged at step {step}: loss = {loss}, global gradient norm = {grad_norm}. "
-        f"Stopped without saving; the latest checkpoint (step {last_checkpoint}) is untouched. "
-        "Lower optimizer.lr, lengthen the warmup or set optimizer.grad_clip_norm.")
+      f"Training diverged at step {step}: loss = {loss}, global gradient norm = {grad_norm}. "
+      f"Stopped without saving; the latest checkpoint (step {last_checkpoint}) is untouched. "
+      "Lower optimizer.lr, lengthen the warmup or set optimizer.grad_clip_norm."
+    )
 
 
-def compile_train_step(config: ml_collections.ConfigDict, model: nn.Module,
-                       tx: optax.GradientTransformation, schedule: optax.Schedule,
-                       abstract: TrainState, shardings: TrainState,
-                       batch_sharding: NamedSharding) -> Any:
+def compile_train_step(
+  config: ml_collections.ConfigDict,
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  abstract: TrainState,
+  shardings: TrainState,
+  batch_sharding: NamedSharding,
+) -> Any:
   """`make_train_step` for the config, compiled ahead of time for abstract state and batch."""
   batch_size, image_size = config.input.global_batch_size, config.input.image_size
   abstract_batch = {
-      "image": jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32,
-                                    sharding=batch_sharding),
-      "labels": jax.ShapeDtypeStruct((batch_size, config.input.num_classes), jnp.float32,
-                                     sharding=batch_sharding)}
-  step = make_train_step(model, tx, schedule, shardings, batch_sharding,
-                         label_smoothing=config.label_smoothing,
-                         grad_accum_steps=config.grad_accum_steps)
+    "image": jax.ShapeDtypeStruct(
+      (batch_size, image_size, image_size, 3), jnp.float32, sharding=batch_sharding
+    ),
+    "labels": jax.ShapeDtypeStruct(
+      (batch_size, config.input.num_classes), jnp.float32, sharding=batch_sharding
+    ),
+  }
+  step = make_train_step(
+    model,
+    tx,
+    schedule,
+    shardings,
+    batch_sharding,
+    label_smoothing=config.label_smoothing,
+    grad_accum_steps=config.grad_accum_steps,
+  )
   return step.lower(with_shardings(abstract, shardings), abstract_batch).compile()
 
 
@@ -360,8 +426,9 @@ def compiled_flops(compiled: Any) -> float | None:
   return float(flops) if flops and flops > 0 else None
 
 
-def _throughput(steps_per_sec: float, batch_size: int, flops_per_step: float | None,
-                peak_tflops: float) -> dict[str, float]:
+def _throughput(
+  steps_per_sec: float, batch_size: int, flops_per_step: float | None, peak_tflops: float
+) -> dict[str, float]:
   """Images/s, model TFLOP/s and MFU, per device."""
   scalars = {"perf/images_per_sec_per_device": steps_per_sec * batch_size / jax.device_count()}
   if flops_per_step:
@@ -399,22 +466,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   steps_per_epoch = pipeline.num_examples(config.input, config.input.train_split) / batch_size
   total_steps = config_utils.steps(config, "total", steps_per_epoch)
   # Only evaluating a checkpoint (total_steps=0): the schedule is never stepped.
-  warmup_steps = (config_utils.steps(config.schedule, "warmup", steps_per_epoch, default=0)
-                  if total_steps else 0)
+  warmup_steps = (
+    config_utils.steps(config.schedule, "warmup", steps_per_epoch, default=0) if total_steps else 0
+  )
   with config_utils.config_errors("schedule"):
-    schedule = optim.create_schedule(config.schedule.name, base_lr=config.optimizer.lr,
-                                     total_steps=total_steps, warmup_steps=warmup_steps,
-                                     end_lr=config.schedule.end_lr)
+    schedule = optim.create_schedule(
+      config.schedule.name,
+      base_lr=config.optimizer.lr,
+      total_steps=total_steps,
+      warmup_steps=warmup_steps,
+      end_lr=config.schedule.end_lr,
+    )
   model = get_model(config.model_name, **config_utils.model_kwargs(config))
   with config_utils.config_errors("optimizer"):
     tx = optim.create_optimizer(config.optimizer, schedule, abstract_params(model, image_size))
   # The config is known to be consistent only now: an invalid one leaves the workdir as it was.
   if is_main:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
-  logging.info("%d devices, mesh %s; %d steps of %d images (%.2f epochs), %d warmup steps.",
-               jax.device_count(), dict(mesh.shape), total_steps, batch_size,
-               total_steps / steps_per_epoch, warmup_steps)
+  writer = writers.create_default_writer(workdir, just_logging=not is_main)
+  logging.info(
+    "%d devices, mesh %s; %d steps of %d images (%.2f epochs), %d warmup steps.",
+    jax.device_count(),
+    dict(mesh.shape),
+    total_steps,
+    batch_size,
+    total_steps / steps_per_epoch,
+    warmup_steps,
+  )
 
   with sharding.use_mesh(mesh, rules):
     abstract, specs = abstract_train_state(model, tx, image_size)
@@ -422,8 +500,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     batch_sharding = sharding.batch_sharding(mesh, rules)
     train_iter = pipeline.make_train_iterator(config.input, seed=config.seed)
     checkpointer = checkpointing.Checkpointer(
-        workdir / "checkpoints", max_to_keep=config.checkpoint.max_to_keep,
-        keep_period=config.checkpoint.keep_period, async_save=config.checkpoint.async_save)
+      workdir / "checkpoints",
+      max_to_keep=config.checkpoint.max_to_keep,
+      keep_period=config.checkpoint.keep_period,
+      async_save=config.checkpoint.async_save,
+    )
     state = checkpointer.restore_latest(with_shardings(abstract, shardings), train_iter)
     if state is None:
       pretrained = None
@@ -431,30 +512,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         pretrained = adapt_pretrained(load_pretrained(config), abstract.params)
       state = create_train_state(model, tx, image_size, config.seed, shardings, pretrained)
     step = int(jax.device_get(state.step))
-    logging.info("%s at step %d; %s parameters.", "Resuming" if step else "Starting", step,
-                 f"{sum(x.size for x in jax.tree.leaves(abstract.params)):,}")
+    logging.info(
+      "%s at step %d; %s parameters.",
+      "Resuming" if step else "Starting",
+      step,
+      f"{sum(x.size for x in jax.tree.leaves(abstract.params)):,}",
+    )
 
     if step < total_steps:  # Compiled ahead of time, for its FLOP count.
-      train_step = compile_train_step(config, model, tx, schedule, abstract, shardings,
-                                      batch_sharding)
+      train_step = compile_train_step(
+        config, model, tx, schedule, abstract, shardings, batch_sharding
+      )
       flops_per_step = compiled_flops(train_step)
     evaluator = make_evaluator(model, shardings.params, batch_sharding)
     rr_evaluator = None
     # It measures the MSSA subspaces: CRATE and CRATE-alpha only.
     if config.model_name in ("crate", "crate_alpha") and config.rate_reduction_num_images:
       rr_evaluator = rate_reduction.RateReductionEvaluator(
-          model, _fixed_images(config.input, config.rate_reduction_num_images),
-          jit=_rate_reduction_jit())
+        model,
+        _fixed_images(config.input, config.rate_reduction_num_images),
+        jit=_rate_reduction_jit(),
+      )
       if is_main:
         rate_reduction.write_tensorboard_layout(writer)
 
-    report_progress = periodic_actions.ReportProgress(
-        num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps)
+    report_progress = periodic.ReportProgress(
+      num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps
+    )
     hooks = [report_progress]
     if is_main and config.profile.num_steps:
-      hooks.append(periodic_actions.Profile(
-          logdir=workdir, num_profile_steps=config.profile.num_steps, profile_duration_ms=None,
-          first_profile=config.profile.first_step, every_secs=config.profile.every_secs))
+      hooks.append(
+        periodic.Profile(
+          logdir=workdir,
+          num_steps=config.profile.num_steps,
+          first_step=config.profile.first_step,
+          every_secs=config.profile.every_secs,
+        )
+      )
 
     def due(every: int) -> bool:
       return bool(every) and step % every == 0
@@ -482,18 +576,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           if previous is not None:
             _check_finite(*previous, last_checkpoint)
           previous = (step, step_metrics)
-          train_metrics = (step_metrics if train_metrics is None
-                           else train_metrics.merge(step_metrics))
+          train_metrics = (
+            step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
+          )
           for hook in hooks:
             hook(step)
 
           if due(config.log_every_steps) or step == total_steps:
             _check_finite(step, step_metrics, last_checkpoint)
             steps_per_sec = (step - timer[1]) / (time.perf_counter() - timer[0])
-            writer.write_scalars(step, {
+            writer.write_scalars(
+              step,
+              {
                 **{f"train/{k}": v for k, v in jax.device_get(train_metrics.compute()).items()},
-                **_throughput(steps_per_sec, batch_size, flops_per_step,
-                              config.peak_tflops_per_device)})
+                **_throughput(
+                  steps_per_sec, batch_size, flops_per_step, config.peak_tflops_per_device
+                ),
+              },
+            )
             train_metrics, timer = None, (time.perf_counter(), step)
 
           preempted = preemption.reached(step)
@@ -505,8 +605,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           if preempted:
             logging.warning("Preempted: saved the checkpoint of step %d and stopping.", step)
             return state
-          if step < total_steps and (due(config.eval_every_steps)
-                                     or due(config.rate_reduction_every_steps)):
+          if step < total_steps and (
+            due(config.eval_every_steps) or due(config.rate_reduction_every_steps)
+          ):
             run_evaluations(final=False)
             timer = (time.perf_counter(), step)  # Keeps evaluation out of the throughput.
 

@@ -1,4 +1,5 @@
 """Shared test fixtures: the golden vectors and the published PyTorch reference model."""
+
 import importlib.util
 import os
 import pathlib

@@ -1,6 +1,7 @@
 """Checkpoint saving, retention, restoring with the data iterator, unreadable-checkpoint fallback
 and the SIGTERM flag (crate_jax.checkpointing). Whole-run resume and preemption are tested in
 test_train.py."""
+
 import os
 import signal
 
@@ -18,8 +19,9 @@ def _state(value: float):
 
 
 def _abstract():
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                      _state(0.0))
+  return jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _state(0.0)
+  )
 
 
 def _iterator():
@@ -27,8 +29,9 @@ def _iterator():
 
 
 def _save_steps(directory, steps, **kwargs):
-  checkpointer = checkpointing.Checkpointer(directory, max_to_keep=kwargs.pop("max_to_keep", 5),
-                                            **kwargs)
+  checkpointer = checkpointing.Checkpointer(
+    directory, max_to_keep=kwargs.pop("max_to_keep", 5), **kwargs
+  )
   iterator = _iterator()
   for step in steps:
     next(iterator)

@@ -1,4 +1,5 @@
 """Layer-wise rate-reduction measurements and the classification evaluator."""
+
 import json
 import re
 import types
@@ -12,8 +13,11 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
-from crate_jax import convert, metric_writers
-from crate_jax.evaluators import classification, get_evaluator, rate_reduction
+from crate_jax import convert
+from crate_jax import writers
+from crate_jax.evaluators import classification
+from crate_jax.evaluators import get_evaluator
+from crate_jax.evaluators import rate_reduction
 from crate_jax.models import get_model
 
 EPS, LAM = 0.5, 0.1
@@ -22,24 +26,28 @@ EPS, LAM = 0.5, 0.1
 @pytest.fixture(scope="module")
 def crate():
   """A tiny random CRATE, 6 images, their intermediates and per-image measurements."""
-  model = get_model("crate", width=32, depth=2, heads=2, patch_size=8, image_size=(16, 16),
-                    num_classes=5)
+  model = get_model(
+    "crate", width=32, depth=2, heads=2, patch_size=8, image_size=(16, 16), num_classes=5
+  )
   # Parameters drawn with numpy: compiling `model.init`'s initialisers takes seconds on CPU.
   shapes = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3))))
   rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda x: (rng.normal(size=x.shape) / np.sqrt(x.shape[0])).astype("f4"),
-                        shapes["params"])
+  params = jax.tree.map(
+    lambda x: (rng.normal(size=x.shape) / np.sqrt(x.shape[0])).astype("f4"), shapes["params"]
+  )
   images = rng.normal(size=(6, 16, 16, 3)).astype(np.float32)
 
   @jax.jit
   def measure(params, images):
     _, out = model.apply({"params": params}, images, return_intermediates=True)
     return out["intermediates"], rate_reduction.layerwise_rate_reduction(
-        out["intermediates"], rate_reduction.subspaces(params), eps=EPS, lam=LAM)
+      out["intermediates"], rate_reduction.subspaces(params), eps=EPS, lam=LAM
+    )
 
   intermediates, per_image = jax.device_get(measure(params, images))
-  return types.SimpleNamespace(model=model, params=params, images=images,
-                               intermediates=intermediates, per_image=per_image)
+  return types.SimpleNamespace(
+    model=model, params=params, images=images, intermediates=intermediates, per_image=per_image
+  )
 
 
 def _logdet(a):
@@ -65,12 +73,15 @@ def test_layerwise_quantities_match_numpy_from_the_parameters(crate):
   expansion = 0.5 * _logdet(np.eye(d) + d / (n * EPS**2) * gram(z_out))
   token_gram = x @ np.swapaxes(x, -1, -2)  # X_k X_k^T, (B, K, N, N), as the papers write it.
   expected = {
-      "compression_published": 0.5 * _logdet(np.eye(n) + p / (n * 0.01) * token_gram).sum(1),
-      "compression": compression(w),
-      "expansion": expansion,
-      "sparse_rate_reduction": (expansion - compression(np.einsum("bnd,dkp->bknp", z_out, u))
-                                - LAM * np.abs(z_out).sum((1, 2))),
-      "nonzero_fraction": (z_out != 0).mean((1, 2)),
+    "compression_published": 0.5 * _logdet(np.eye(n) + p / (n * 0.01) * token_gram).sum(1),
+    "compression": compression(w),
+    "expansion": expansion,
+    "sparse_rate_reduction": (
+      expansion
+      - compression(np.einsum("bnd,dkp->bknp", z_out, u))
+      - LAM * np.abs(z_out).sum((1, 2))
+    ),
+    "nonzero_fraction": (z_out != 0).mean((1, 2)),
   }
   measured = crate.per_image
   assert set(measured) == set(rate_reduction.QUANTITIES)
@@ -84,36 +95,47 @@ def test_evaluator_scalars_statistics_and_history(crate):
   assert crate.model.lam == LAM  # The evaluator's default.
   evaluator = get_evaluator("rate_reduction", model=crate.model, images=crate.images, batch_size=3)
   scalars = evaluator.run(crate.params, step=100)
-  assert set(scalars) == {f"rate_reduction/{q}{suffix}/layer_{l:02d}" for l in (1, 2)
-                          for q in rate_reduction.QUANTITIES for suffix in ("", "_std")}
+  assert set(scalars) == {
+    f"rate_reduction/{q}{suffix}/layer_{layer:02d}"
+    for layer in (1, 2)
+    for q in rate_reduction.QUANTITIES
+    for suffix in ("", "_std")
+  }
   # Two forward passes of 3 images give the statistics of all 6.
   for q, values in crate.per_image.items():
-    for l in (1, 2):
-      values_l = np.asarray(values[l - 1], np.float64)
-      np.testing.assert_allclose(scalars[f"rate_reduction/{q}/layer_{l:02d}"], values_l.mean(),
-                                 rtol=1e-5)
-      np.testing.assert_allclose(scalars[f"rate_reduction/{q}_std/layer_{l:02d}"], values_l.std(),
-                                 rtol=1e-3, atol=1e-6)
+    for layer in (1, 2):
+      values_l = np.asarray(values[layer - 1], np.float64)
+      np.testing.assert_allclose(
+        scalars[f"rate_reduction/{q}/layer_{layer:02d}"], values_l.mean(), rtol=1e-5
+      )
+      np.testing.assert_allclose(
+        scalars[f"rate_reduction/{q}_std/layer_{layer:02d}"], values_l.std(), rtol=1e-3, atol=1e-6
+      )
   assert list(evaluator.history) == [100]
   np.testing.assert_allclose(
-      evaluator.history[100]["nonzero_fraction"].mean,
-      [scalars[f"rate_reduction/nonzero_fraction/layer_{l:02d}"] for l in (1, 2)])
+    evaluator.history[100]["nonzero_fraction"].mean,
+    [scalars[f"rate_reduction/nonzero_fraction/layer_{layer:02d}"] for layer in (1, 2)],
+  )
 
 
 def test_evaluator_reproduces_the_golden_published_measurements(golden_dir):
   golden = np.load(golden_dir / "crate_tiny.npz")
   model, variables = convert.from_published(
-      {k[len("param:"):]: golden[k] for k in golden.files if k.startswith("param:")},
-      heads=json.loads(str(golden["config_json"]))["heads"])
+    {k[len("param:") :]: golden[k] for k in golden.files if k.startswith("param:")},
+    heads=json.loads(str(golden["config_json"]))["heads"],
+  )
   images = golden["input_nchw"].transpose(0, 2, 3, 1)
   evaluator = rate_reduction.RateReductionEvaluator(model, images)
   stats = evaluator.layer_stats(variables["params"])
-  for name, golden_name in [("compression_published", "coding_rate"),
-                            ("nonzero_fraction", "nonzero_fraction")]:
+  for name, golden_name in [
+    ("compression_published", "coding_rate"),
+    ("nonzero_fraction", "nonzero_fraction"),
+  ]:
     per_layer = np.stack([golden[f"{golden_name}_{i}"] for i in range(3)])
     np.testing.assert_allclose(stats[name].mean, per_layer.mean(1), rtol=1e-5, err_msg=name)
-    np.testing.assert_allclose(stats[name].std, per_layer.std(1), rtol=1e-3, atol=1e-6,
-                               err_msg=name)
+    np.testing.assert_allclose(
+      stats[name].std, per_layer.std(1), rtol=1e-3, atol=1e-6, err_msg=name
+    )
 
 
 def _random_orthogonal(rng, n):
@@ -129,28 +151,35 @@ def test_measurements_are_invariant_to_rotations():
   z = np.maximum(rng.normal(size=(2, 3, 7, 8)), 0.0)
   u = rng.normal(size=(2, 8, 2, 4))
   q, r = _random_orthogonal(rng, 8), _random_orthogonal(rng, 4)
-  measure = jax.jit(lambda h, z, u: rate_reduction.layerwise_rate_reduction(
-      {"head_proj": h, "z_full": z}, u, eps=EPS, lam=0.0))
+  measure = jax.jit(
+    lambda h, z, u: rate_reduction.layerwise_rate_reduction(
+      {"head_proj": h, "z_full": z}, u, eps=EPS, lam=0.0
+    )
+  )
   base = measure(head_proj, z, u)
   rotated = measure(head_proj @ r, z @ q, np.einsum("de,ldkp->lekp", q, u))
   for name in ("compression_published", "compression", "expansion", "sparse_rate_reduction"):
     np.testing.assert_allclose(rotated[name], base[name], rtol=1e-4, err_msg=name)
   scaled = measure(head_proj * rng.uniform(0.5, 2.0, size=(2, 3, 7, 2, 1)), z, u)
-  np.testing.assert_allclose(scaled["compression_published"], base["compression_published"],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    scaled["compression_published"], base["compression_published"], rtol=1e-5
+  )
   assert not np.allclose(scaled["compression"], base["compression"], rtol=1e-2)
 
 
 def _stats(rng, depth=6):
-  return {q: rate_reduction.LayerStats(rng.uniform(0.2, 1.0, depth), rng.uniform(0.0, 0.1, depth))
-          for q in rate_reduction.QUANTITIES}
+  return {
+    q: rate_reduction.LayerStats(rng.uniform(0.2, 1.0, depth), rng.uniform(0.0, 0.1, depth))
+    for q in rate_reduction.QUANTITIES
+  }
 
 
 def test_plot_layerwise_writes_a_png(tmp_path):
   rng = np.random.default_rng(0)
   path = tmp_path / "layerwise.png"
-  pixels = rate_reduction.plot_layerwise({"step 0": _stats(rng), "step 1000": _stats(rng)}, path,
-                                         title="CRATE-T")
+  pixels = rate_reduction.plot_layerwise(
+    {"step 0": _stats(rng), "step 1000": _stats(rng)}, path, title="CRATE-T"
+  )
   assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000
   with Image.open(path) as image:  # One panel per quantity of the papers' figures, side by side.
     assert image.size == (pixels.shape[1], pixels.shape[0]) and image.size[0] > 2 * image.size[1]
@@ -158,7 +187,7 @@ def test_plot_layerwise_writes_a_png(tmp_path):
 
 
 def test_tensorboard_layout_has_a_chart_per_quantity(tmp_path):
-  writer = metric_writers.TensorBoardWriter(tmp_path)
+  writer = writers.TensorBoardWriter(tmp_path)
   rate_reduction.write_tensorboard_layout(writer)
   writer.close()
   acc = event_accumulator.EventAccumulator(str(tmp_path))
@@ -191,11 +220,15 @@ def test_classification_is_exact_over_padded_uneven_batches():
   batches, sizes = [], (4, 4, 2)  # The last batch is padded with NaN images and label -1.
   for start, size in zip((0, 4, 8), sizes):
     pad = 4 - size
-    batches.append({
-        "image": np.concatenate([images[start:start + size],
-                                 np.full((pad, 2, 2, 3), np.nan, np.float32)]),
-        "label": np.concatenate([labels[start:start + size], np.full(pad, -1, np.int32)]),
-        "mask": np.concatenate([np.ones(size, np.float32), np.zeros(pad, np.float32)])})
+    batches.append(
+      {
+        "image": np.concatenate(
+          [images[start : start + size], np.full((pad, 2, 2, 3), np.nan, np.float32)]
+        ),
+        "label": np.concatenate([labels[start : start + size], np.full(pad, -1, np.int32)]),
+        "mask": np.concatenate([np.ones(size, np.float32), np.zeros(pad, np.float32)]),
+      }
+    )
   metrics = classification.ClassificationEvaluator(model).run(params, batches)
 
   shifted = logits - logits.max(1, keepdims=True)
@@ -210,8 +243,11 @@ def test_classification_is_exact_over_padded_uneven_batches():
 def test_classification_rejects_an_empty_set():
   model = _Linear()
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 2, 3)))["params"]
-  batch = {"image": np.zeros((2, 2, 2, 3), np.float32), "label": np.zeros(2, np.int32),
-           "mask": np.zeros(2, np.float32)}
+  batch = {
+    "image": np.zeros((2, 2, 2, 3), np.float32),
+    "label": np.zeros(2, np.int32),
+    "mask": np.zeros(2, np.float32),
+  }
   with pytest.raises(ValueError, match="no real examples"):
     classification.ClassificationEvaluator(model).run(params, [batch])
 

@@ -1,9 +1,10 @@
 """crate_jax.host_devices: a CPU host as several single-threaded devices, data parallel."""
+
 import json
 import os
+from pathlib import Path
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -41,8 +42,14 @@ print(json.dumps(dict(devices=jax.device_count(), shards=len(images.addressable_
 def _run(count: int) -> dict:
   env = dict(os.environ, PYTHONPATH=str(_REPO))
   env.pop("XLA_FLAGS", None)
-  out = subprocess.run([sys.executable, "-c", _GRADS, str(count)], env=env, capture_output=True,
-                       text=True, timeout=300, check=True).stdout
+  out = subprocess.run(
+    [sys.executable, "-c", _GRADS, str(count)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=True,
+  ).stdout
   return json.loads(out.strip().splitlines()[-1])
 
 

@@ -1,7 +1,8 @@
 """crate_jax.host_memory: large buffers freed by one step are reused, not faulted in again."""
+
+from pathlib import Path
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -37,8 +38,13 @@ print(faults[-1])
 
 
 def _faults_in_second_step(mode: str) -> int:
-  out = subprocess.run([sys.executable, "-c", _STEP_FAULTS, mode], cwd=_REPO, check=True,
-                       capture_output=True, text=True)
+  out = subprocess.run(
+    [sys.executable, "-c", _STEP_FAULTS, mode],
+    cwd=_REPO,
+    check=True,
+    capture_output=True,
+    text=True,
+  )
   return int(out.stdout.strip().splitlines()[-1])
 
 

@@ -1,4 +1,5 @@
 """CRATE, CRATE-alpha and ViT models: published parameter counts, golden outputs, options."""
+
 import json
 
 import flax.linen as nn
@@ -7,8 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from crate_jax import convert, ops
-from crate_jax.models import common, get_model
+from crate_jax import convert
+from crate_jax import ops
+from crate_jax.models import common
+from crate_jax.models import get_model
 
 
 def _num_params(model, image_size=(224, 224)):
@@ -16,13 +19,16 @@ def _num_params(model, image_size=(224, 224)):
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(shapes["params"])))
 
 
-@pytest.mark.parametrize("name,variant,expected", [
+@pytest.mark.parametrize(
+  "name,variant,expected",
+  [
     ("crate", "T/16", 6_090_856),
     ("crate", "S/16", 13_116_328),
     ("crate", "B/16", 22_796_008),
     ("crate", "L/16", 77_641_192),
     ("crate_alpha", "B/16", 72_328_936),
-])
+  ],
+)
 def test_published_parameter_counts(name, variant, expected):
   assert _num_params(get_model(name, variant=variant, num_classes=1000)) == expected
 
@@ -34,10 +40,13 @@ def _rel(a, b):
 def test_crate_golden_logits_and_every_intermediate(golden_dir):
   golden = np.load(golden_dir / "crate_tiny.npz")
   model, variables = convert.from_published(
-      {k[len("param:"):]: golden[k] for k in golden.files if k.startswith("param:")},
-      heads=json.loads(str(golden["config_json"]))["heads"])
+    {k[len("param:") :]: golden[k] for k in golden.files if k.startswith("param:")},
+    heads=json.loads(str(golden["config_json"]))["heads"],
+  )
   images = jnp.asarray(golden["input_nchw"]).transpose(0, 2, 3, 1)
-  logits, out = jax.jit(lambda v, x: model.apply(v, x, return_intermediates=True))(variables, images)
+  logits, out = jax.jit(lambda v, x: model.apply(v, x, return_intermediates=True))(
+    variables, images
+  )
   assert _rel(logits, golden["logits"]) < 1e-5
   inter = out["intermediates"]
   for i in range(model.dims()["depth"]):
@@ -46,14 +55,16 @@ def test_crate_golden_logits_and_every_intermediate(golden_dir):
     assert _rel(inter["attn"][i], golden[f"attn_{i}"]) < 1e-5, i
     rate = ops.published_compression_measure(inter["head_proj"][i])
     assert _rel(rate, golden[f"coding_rate_{i}"]) < 1e-5, i
-    np.testing.assert_allclose(ops.nonzero_fraction(inter["z_full"][i]), golden[f"nonzero_fraction_{i}"],
-                               atol=1e-6)
+    np.testing.assert_allclose(
+      ops.nonzero_fraction(inter["z_full"][i]), golden[f"nonzero_fraction_{i}"], atol=1e-6
+    )
 
 
 def test_crate_alpha_golden_logits(golden_dir):
   golden = np.load(golden_dir / "crate_alpha_tiny.npz")
   model, variables = convert.from_published(
-      {k[len("param:"):]: golden[k] for k in golden.files if k.startswith("param:")})
+    {k[len("param:") :]: golden[k] for k in golden.files if k.startswith("param:")}
+  )
   logits, _ = model.apply(variables, jnp.asarray(golden["input_nhwc"]))
   assert _rel(logits, golden["logits"]) < 1e-5
 
@@ -79,7 +90,9 @@ def test_common_interface_and_free_intermediates(name):
   np.testing.assert_allclose(inter["attn"].sum(-1), 1.0, rtol=1e-5)
   # "At no cost": the plain forward's compiled program computes no attention output.
   plain = jax.jit(lambda v, x: model.apply(v, x)[0]).lower(variables, x).compile()
-  full = jax.jit(lambda v, x: model.apply(v, x, return_intermediates=True)).lower(variables, x).compile()
+  full = (
+    jax.jit(lambda v, x: model.apply(v, x, return_intermediates=True)).lower(variables, x).compile()
+  )
   assert len(plain.as_text()) < len(full.as_text())
 
 
@@ -93,10 +106,16 @@ def test_scan_and_remat_compute_the_same_function(name):
   ref, ref_out = unrolled.apply({"params": params}, x, return_intermediates=True)
   got, got_out = scanned.apply({"params": stacked}, x, return_intermediates=True)
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(got_out["intermediates"]["z_full"], ref_out["intermediates"]["z_full"], atol=1e-5)
+  np.testing.assert_allclose(
+    got_out["intermediates"]["z_full"], ref_out["intermediates"]["z_full"], atol=1e-5
+  )
   grad = lambda m, p: jax.grad(lambda p: m.apply({"params": p}, x)[0].sum())(p)
-  np.testing.assert_allclose(grad(scanned, stacked)["encoder"]["layers"]["norm1"]["scale"][1],
-                             grad(unrolled, params)["encoder"]["layer_1"]["norm1"]["scale"], rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(
+    grad(scanned, stacked)["encoder"]["layers"]["norm1"]["scale"][1],
+    grad(unrolled, params)["encoder"]["layer_1"]["norm1"]["scale"],
+    rtol=1e-4,
+    atol=1e-6,
+  )
   back = common.unstack_layer_params(stacked)
   assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), back, params))
 
@@ -110,8 +129,11 @@ def test_crate_options_change_the_function_as_specified():
   logits_mean, _ = base.clone(pool="mean").apply({"params": params}, x)
   assert not np.allclose(logits_cls, logits_mean)
   # lam shifts the ISTA threshold: a larger lam gives sparser codes.
-  nz = lambda m: float(ops.nonzero_fraction(m.apply({"params": params}, x, return_intermediates=True)[1]
-                                            ["intermediates"]["z_full"][0]).mean())
+  nz = lambda m: float(
+    ops.nonzero_fraction(
+      m.apply({"params": params}, x, return_intermediates=True)[1]["intermediates"]["z_full"][0]
+    ).mean()
+  )
   assert nz(base.clone(lam=2.0)) < nz(base)
   # Paper-form MSSA has no output projection and a kappa step.
   paper = _tiny(mssa_form="paper", kappa=0.3)
@@ -121,7 +143,9 @@ def test_crate_options_change_the_function_as_specified():
     base.clone(pool="max").apply({"params": params}, x)
 
 
-@pytest.mark.parametrize("patch,image", [((8, 8), (32, 32)), ((8, 4), (32, 24)), ((14, 14), (28, 42))])
+@pytest.mark.parametrize(
+  "patch,image", [((8, 8), (32, 32)), ((8, 4), (32, 24)), ((14, 14), (28, 42))]
+)
 def test_any_patch_and_image_size(patch, image):
   model = _tiny(patch_size=patch, image_size=image)
   x = jnp.ones((1, *image, 3))
@@ -134,8 +158,9 @@ def test_any_patch_and_image_size(patch, image):
 
 
 def test_variant_strings():
-  assert _tiny(width=None, depth=None, heads=None, patch_size=None, variant="S/16x8").dims() == dict(
-      width=576, depth=12, heads=12, dim_head=48, patch_size=(16, 8))
+  assert _tiny(
+    width=None, depth=None, heads=None, patch_size=None, variant="S/16x8"
+  ).dims() == dict(width=576, depth=12, heads=12, dim_head=48, patch_size=(16, 8))
   with pytest.raises(ValueError, match="Unknown variant"):
     get_model("crate", variant="Q/16").dims()
   with pytest.raises(ValueError, match="Unknown model"):

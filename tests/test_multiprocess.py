@@ -5,6 +5,7 @@ each process, data 2 across them as across slices) train a tiny CRATE for 4 step
 resume to 6; one process on one device trains 6 steps. The global batch is the whole (16-image) training set without augmentation, so every step sees the
 same images whatever the number of processes, and the loss trajectories must agree.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,31 +36,54 @@ def _start(workdir, data_dir, steps, *, num_processes, devices_per_process, mesh
   `mesh` holds the `config.mesh` overrides.
   """
   args = [
-      sys.executable, "-m", "crate_jax.main",
-      f"--config=configs/demo.py:steps={steps},width=16,depth=2,heads=2,patch=8",
-      f"--workdir={workdir}",
-      "--config.input.dataset=crate_shapes/mp", f"--config.input.data_dir={data_dir}",
-      "--config.input.image_size=16", "--config.input.global_batch_size=16",
-      "--config.input.eval_batch_size=8", "--config.input.crop=none",
-      "--config.input.flip=False", "--config.schedule.name=constant",
-      "--config.schedule.warmup_steps=0", "--config.log_every_steps=1",
-      "--config.eval_every_steps=0", "--config.rate_reduction_num_images=8",
-      "--config.checkpoint_every_steps=2", *mesh,
+    sys.executable,
+    "-m",
+    "crate_jax.main",
+    f"--config=configs/demo.py:steps={steps},width=16,depth=2,heads=2,patch=8",
+    f"--workdir={workdir}",
+    "--config.input.dataset=crate_shapes/mp",
+    f"--config.input.data_dir={data_dir}",
+    "--config.input.image_size=16",
+    "--config.input.global_batch_size=16",
+    "--config.input.eval_batch_size=8",
+    "--config.input.crop=none",
+    "--config.input.flip=False",
+    "--config.schedule.name=constant",
+    "--config.schedule.warmup_steps=0",
+    "--config.log_every_steps=1",
+    "--config.eval_every_steps=0",
+    "--config.rate_reduction_num_images=8",
+    "--config.checkpoint_every_steps=2",
+    *mesh,
   ]
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(("JAX_", "XLA_", "SLURM_", "OMPI_", "TPU_"))}
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process} "
-                       f"{FAST_COMPILE}")
+  env = {
+    k: v
+    for k, v in os.environ.items()
+    if not k.startswith(("JAX_", "XLA_", "SLURM_", "OMPI_", "TPU_"))
+  }
+  env.update(
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=str(REPO),
+    JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process} {FAST_COMPILE}",
+  )
   port = _free_port()
   procs, logs = [], []
   for i in range(num_processes):
-    job = ([f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
-            f"--process_id={i}"] if num_processes > 1 else [])
+    job = (
+      [
+        f"--coordinator_address=127.0.0.1:{port}",
+        f"--num_processes={num_processes}",
+        f"--process_id={i}",
+      ]
+      if num_processes > 1
+      else []
+    )
     log = log_dir / f"{pathlib.Path(workdir).name}_{steps}_process_{i}.log"
     with open(log, "w") as out:
-      procs.append(subprocess.Popen(args + job, cwd=REPO, env=env, stdout=out,
-                                    stderr=subprocess.STDOUT))
+      procs.append(
+        subprocess.Popen(args + job, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+      )
     logs.append(log)
   return procs, logs
 
@@ -80,8 +104,10 @@ def _finish(procs, logs):
 
 def _scalars(workdir, tag) -> dict[int, float]:
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+
   accumulator = event_accumulator.EventAccumulator(
-      str(workdir), size_guidance={event_accumulator.SCALARS: 0})
+    str(workdir), size_guidance={event_accumulator.SCALARS: 0}
+  )
   accumulator.Reload()
   return {event.step: event.value for event in accumulator.Scalars(tag)}
 
@@ -89,15 +115,23 @@ def _scalars(workdir, tag) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   from crate_jax.data import shapes  # pylint: disable=g-import-not-at-top
+
   tmp = tmp_path_factory.mktemp("multiprocess")
   data_dir = tmp / "data"
   # Built once here: the processes then only read it.
-  shapes.build(shapes.CrateShapesConfig(name="mp", image_size=16, train_size=16, test_size=8),
-               data_dir)
+  shapes.build(
+    shapes.CrateShapesConfig(name="mp", image_size=16, train_size=16, test_size=8), data_dir
+  )
   # FSDP within a process, data parallelism across the two as if over a DCN (hybrid mesh).
-  two = dict(num_processes=2, devices_per_process=2, log_dir=tmp,
-             mesh=["--config.mesh.axes=(('data', -1), ('fsdp', 2), ('tensor', 1))",
-                   "--config.mesh.dcn_data=2"])
+  two = dict(
+    num_processes=2,
+    devices_per_process=2,
+    log_dir=tmp,
+    mesh=[
+      "--config.mesh.axes=(('data', -1), ('fsdp', 2), ('tensor', 1))",
+      "--config.mesh.dcn_data=2",
+    ],
+  )
   one = dict(num_processes=1, devices_per_process=1, log_dir=tmp, mesh=[])
   single = _start(tmp / "one", data_dir, 6, **one)  # Alongside: the 2-process job waits a lot.
   try:
@@ -105,15 +139,21 @@ def runs(tmp_path_factory):
   finally:
     single = _finish(*single)
   resumed = _finish(*_start(tmp / "two", data_dir, 6, **two))
-  return {"two": tmp / "two", "one": tmp / "one", "first": first, "resumed": resumed,
-          "single": single}
+  return {
+    "two": tmp / "two",
+    "one": tmp / "one",
+    "first": first,
+    "resumed": resumed,
+    "single": single,
+  }
 
 
 def test_two_processes_follow_the_single_process_losses(runs):
   two, one = _scalars(runs["two"], "train/loss"), _scalars(runs["one"], "train/loss")
   assert sorted(two) == sorted(one) == [1, 2, 3, 4, 5, 6]
-  np.testing.assert_allclose([two[s] for s in range(1, 7)], [one[s] for s in range(1, 7)],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    [two[s] for s in range(1, 7)], [one[s] for s in range(1, 7)], rtol=1e-5
+  )
   assert one[6] < one[1]
   two_eval, one_eval = _scalars(runs["two"], "eval/loss"), _scalars(runs["one"], "eval/loss")
   assert sorted(two_eval) == [4, 6] and sorted(one_eval) == [6]  # At the end of each run.
@@ -139,7 +179,9 @@ def test_one_checkpoint_directory_with_every_process_data_state(runs):
   checkpoints = runs["two"] / "checkpoints"
   assert sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == [2, 4, 6]
   assert sorted(p.name for p in (checkpoints / "6" / "data").glob("process_*.json")) == [
-      "process_0-of-2.json", "process_1-of-2.json"]
+    "process_0-of-2.json",
+    "process_1-of-2.json",
+  ]
   assert not list(runs["two"].glob("**/*orbax-checkpoint-tmp*"))
 
 

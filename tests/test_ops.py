@@ -1,4 +1,5 @@
 """Mathematical properties of the pure functions in crate_jax.ops."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,15 +21,24 @@ def _naive_coding_rate(z, eps):
 @pytest.mark.parametrize("n,d", [(17, 8), (5, 12)])  # both Gram sizes.
 def test_coding_rate_matches_definition(n, d):
   z = np.random.default_rng(0).normal(size=(n, d))
-  np.testing.assert_allclose(ops.coding_rate(jnp.asarray(z), 0.5), _naive_coding_rate(z, 0.5), rtol=1e-5)
+  np.testing.assert_allclose(
+    ops.coding_rate(jnp.asarray(z), 0.5), _naive_coding_rate(z, 0.5), rtol=1e-5
+  )
 
 
 def test_compression_rate_matches_definition():
   rng = np.random.default_rng(1)
   z, u = rng.normal(size=(2, 11, 12)), rng.normal(size=(12, 3, 4))
-  expected = [sum(0.5 * np.linalg.slogdet(np.eye(4) + 4 / (11 * 0.25) * (zb @ u[:, k]).T @ (zb @ u[:, k]))[1]
-                  for k in range(3)) for zb in z]
-  np.testing.assert_allclose(ops.compression_rate(jnp.asarray(z), jnp.asarray(u), 0.5), expected, rtol=1e-5)
+  expected = [
+    sum(
+      0.5 * np.linalg.slogdet(np.eye(4) + 4 / (11 * 0.25) * (zb @ u[:, k]).T @ (zb @ u[:, k]))[1]
+      for k in range(3)
+    )
+    for zb in z
+  ]
+  np.testing.assert_allclose(
+    ops.compression_rate(jnp.asarray(z), jnp.asarray(u), 0.5), expected, rtol=1e-5
+  )
 
 
 def test_coding_rate_invariant_to_rotations():
@@ -42,7 +52,9 @@ def test_coding_rate_invariant_to_rotations():
   np.testing.assert_allclose(ops.coding_rate(z @ q_feat), r, rtol=1e-5)
   np.testing.assert_allclose(ops.coding_rate(q_tok @ z), r, rtol=1e-5)
   rc = ops.compression_rate(z, u)
-  np.testing.assert_allclose(ops.compression_rate(z @ q_feat, jnp.einsum("dkp,de->ekp", u, q_feat)), rc, rtol=1e-5)
+  np.testing.assert_allclose(
+    ops.compression_rate(z @ q_feat, jnp.einsum("dkp,de->ekp", u, q_feat)), rc, rtol=1e-5
+  )
   np.testing.assert_allclose(ops.compression_rate(q_tok @ z, u), rc, rtol=1e-5)
   # ... but not, in general, when only Z rotates: R^c measures alignment with the subspaces.
   assert abs(float(ops.compression_rate(z @ q_feat, u) - rc)) > 1e-3
@@ -59,11 +71,18 @@ def test_published_measure_normalises_tokens_and_uses_eps_sq():
   rng = np.random.default_rng(2)
   w = rng.normal(size=(2, 9, 3, 4))
   x = w / np.linalg.norm(w, axis=-1, keepdims=True)
-  expected = [sum(0.5 * np.linalg.slogdet(np.eye(9) + 4 / (9 * 0.01) * x[b, :, k] @ x[b, :, k].T)[1]
-                  for k in range(3)) for b in range(2)]
+  expected = [
+    sum(
+      0.5 * np.linalg.slogdet(np.eye(9) + 4 / (9 * 0.01) * x[b, :, k] @ x[b, :, k].T)[1]
+      for k in range(3)
+    )
+    for b in range(2)
+  ]
   np.testing.assert_allclose(ops.published_compression_measure(jnp.asarray(w)), expected, rtol=1e-5)
   # Scale-free per token.
-  np.testing.assert_allclose(ops.published_compression_measure(jnp.asarray(w * 7.0)), expected, rtol=1e-5)
+  np.testing.assert_allclose(
+    ops.published_compression_measure(jnp.asarray(w * 7.0)), expected, rtol=1e-5
+  )
 
 
 def test_logdet_in_float32_for_bfloat16_inputs():
@@ -85,8 +104,10 @@ def test_crate_ista_values_and_gradients_equal_published_form(tokens):
   x, d = jax.random.normal(k1, (tokens, 12)), jax.random.normal(k2, (12, 12)) * 0.3
   probe = jax.random.normal(k3, (tokens, 12))
   np.testing.assert_allclose(ops.crate_ista(x, d), ops.crate_ista_three_matmul(x, d), atol=1e-5)
-  grads = [jax.grad(lambda x, d: jnp.sum(f(x, d) * probe), argnums=(0, 1))(x, d)
-           for f in (ops.crate_ista, ops.crate_ista_three_matmul)]
+  grads = [
+    jax.grad(lambda x, d, f=f: jnp.sum(f(x, d) * probe), argnums=(0, 1))(x, d)
+    for f in (ops.crate_ista, ops.crate_ista_three_matmul)
+  ]
   for ours, published in zip(*grads):
     np.testing.assert_allclose(ours, published, rtol=1e-5, atol=1e-5)
 
@@ -118,7 +139,9 @@ def test_overcomplete_ista_matches_published_block():
   eta, lam = 0.1, 0.1
   z1 = jax.nn.relu(eta * x @ d - eta * lam)
   z2 = jax.nn.relu(z1 - eta * (z1 @ d.T - x) @ d - eta * lam)
-  np.testing.assert_allclose(ops.overcomplete_ista(x, d, d1, eta, lam), z2 @ d1.T, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    ops.overcomplete_ista(x, d, d1, eta, lam), z2 @ d1.T, rtol=1e-5, atol=1e-5
+  )
   with pytest.raises(ValueError, match="num_steps"):
     ops.overcomplete_ista(x, d, d1, num_steps=0)
 
@@ -206,14 +229,16 @@ def test_subspace_attention_gradient_equals_autodiff_of_definition():
 
   ours = jax.grad(lambda w: loss(lambda w: ops.subspace_attention_heads_first(w, 0.5), w))(w)
   np.testing.assert_allclose(ours, jax.grad(lambda w: loss(definition, w))(w), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(ops.subspace_attention_heads_first(w, 0.5)[0], definition(w)[0],
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    ops.subspace_attention_heads_first(w, 0.5)[0], definition(w)[0], rtol=1e-5, atol=1e-6
+  )
 
 
 def test_attention_matmul_workaround_is_cpu_only():
   """On CPU, attention's per-head matmuls carry a zero-valued row reduction and the
   backward writes A^T out (XLA:CPU speed workarounds, see `ops._batched_matmul`); other
   backends get the plain products. Values are covered by the tests above."""
+
   def count(platform, op, tokens=9):
     w = probe = jnp.ones((2, 3, tokens, 4))
     grad = jax.grad(lambda w: jnp.sum(ops.subspace_attention_heads_first(w, 0.5)[0] * probe))

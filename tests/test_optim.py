@@ -1,4 +1,5 @@
 """Schedules, weight-decay masks, optimizers and the loss (crate_jax.optim)."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,8 +14,9 @@ from crate_jax.models import get_model
 
 
 def _param_shapes(name, **kwargs):
-  model = get_model(name, width=16, depth=2, heads=2, patch_size=4, image_size=16,
-                    num_classes=3, **kwargs)
+  model = get_model(
+    name, width=16, depth=2, heads=2, patch_size=4, image_size=16, num_classes=3, **kwargs
+  )
   boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
   return nn.unbox(boxed)["params"]
 
@@ -25,10 +27,12 @@ def _decayed_paths(params, regex=optim.DEFAULT_DECAY_REGEX):
 
 
 def test_warmup_then_cosine_to_end_lr():
-  schedule = optim.create_schedule("cosine", base_lr=1.0, total_steps=110, warmup_steps=10,
-                                   end_lr=0.1)
-  np.testing.assert_allclose([schedule(s) for s in (0, 5, 10, 60, 110)],
-                             [0.0, 0.5, 1.0, 0.55, 0.1], atol=1e-6)
+  schedule = optim.create_schedule(
+    "cosine", base_lr=1.0, total_steps=110, warmup_steps=10, end_lr=0.1
+  )
+  np.testing.assert_allclose(
+    [schedule(s) for s in (0, 5, 10, 60, 110)], [0.0, 0.5, 1.0, 0.55, 0.1], atol=1e-6
+  )
 
 
 def test_linear_and_constant_schedules():
@@ -59,16 +63,25 @@ def test_epochs_convert_to_steps_and_steps_win():
 def test_crate_decay_mask_includes_dictionaries_and_matrices_only():
   decayed = _decayed_paths(_param_shapes("crate"))
   for i in range(2):
-    assert {f"encoder/layer_{i}/ista/D", f"encoder/layer_{i}/mssa/proj",
-            f"encoder/layer_{i}/mssa/out"} <= decayed
+    assert {
+      f"encoder/layer_{i}/ista/D",
+      f"encoder/layer_{i}/mssa/proj",
+      f"encoder/layer_{i}/mssa/out",
+    } <= decayed
   assert {"patch_embed/dense/kernel", "head/kernel"} <= decayed
   assert not any(p.endswith(("bias", "scale", "cls", "pos_embedding")) for p in decayed)
 
 
 def test_crate_alpha_decay_mask_includes_d_and_d1_also_scanned():
   decayed = _decayed_paths(_param_shapes("crate_alpha", scan_layers=True))
-  assert {"encoder/layers/odl/D", "encoder/layers/odl/D1", "encoder/layers/mssa/proj",
-          "encoder/layers/mssa/out", "patch_embed/conv/kernel", "head/kernel"} == decayed
+  assert {
+    "encoder/layers/odl/D",
+    "encoder/layers/odl/D1",
+    "encoder/layers/mssa/proj",
+    "encoder/layers/mssa/out",
+    "patch_embed/conv/kernel",
+    "head/kernel",
+  } == decayed
   # The published CRATE-alpha mask: D and D1, most of the parameters, would not decay.
   assert "encoder/layers/odl/D" not in _decayed_paths(_param_shapes("crate_alpha"), r".*/kernel$")
 
@@ -103,8 +116,9 @@ def test_optimizer_errors_name_the_problem():
   with pytest.raises(ValueError, match="use 'adamw'"):
     optim.create_optimizer(_optimizer_config(name="adam", weight_decay=0.1), schedule, params)
   with pytest.raises(ValueError, match="matches no parameter"):
-    optim.create_optimizer(_optimizer_config(weight_decay=0.1, decay_regex="kernal$"),
-                           schedule, params)
+    optim.create_optimizer(
+      _optimizer_config(weight_decay=0.1, decay_regex="kernal$"), schedule, params
+    )
 
 
 def test_gradients_are_clipped_by_global_norm_before_the_optimizer():
@@ -121,7 +135,9 @@ def test_label_smoothed_cross_entropy_matches_the_formula():
   labels = jnp.array([[0.0, 1.0, 0.0], [0.3, 0.7, 0.0]])  # Soft targets, e.g. mixup.
   log_probs = jax.nn.log_softmax(logits)
   smoothed = labels * 0.9 + 0.1 / 3
-  np.testing.assert_allclose(optim.cross_entropy(logits, labels, 0.1),
-                             -(smoothed * log_probs).sum(-1), rtol=1e-6)
-  np.testing.assert_allclose(optim.cross_entropy(logits, labels),
-                             -(labels * log_probs).sum(-1), rtol=1e-6)
+  np.testing.assert_allclose(
+    optim.cross_entropy(logits, labels, 0.1), -(smoothed * log_probs).sum(-1), rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    optim.cross_entropy(logits, labels), -(labels * log_probs).sum(-1), rtol=1e-6
+  )

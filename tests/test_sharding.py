@@ -9,6 +9,7 @@ The 8 devices must exist before JAX starts its CPU backend, so this file also ru
 script in a fresh process (`XLA_FLAGS`): the `results` fixture starts it once, it trains
 every case and writes what it measured to JSON, and the tests assert on that.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,13 +26,13 @@ NUM_DEVICES = 8
 STEPS = 3
 # name -> (model_name, (data, fsdp, tensor)); the '/1' cases are the one-device references.
 CASES = {
-    "crate/1": ("crate", (1, 1, 1)),
-    "crate/dp8": ("crate", (8, 1, 1)),
-    "crate/fsdp8": ("crate", (1, 8, 1)),
-    "crate/dp2_fsdp2_tp2": ("crate", (2, 2, 2)),
-    "crate/dp4_tp2": ("crate", (4, 1, 2)),
-    "crate_alpha/1": ("crate_alpha", (1, 1, 1)),
-    "crate_alpha/dp2_fsdp2_tp2": ("crate_alpha", (2, 2, 2)),
+  "crate/1": ("crate", (1, 1, 1)),
+  "crate/dp8": ("crate", (8, 1, 1)),
+  "crate/fsdp8": ("crate", (1, 8, 1)),
+  "crate/dp2_fsdp2_tp2": ("crate", (2, 2, 2)),
+  "crate/dp4_tp2": ("crate", (4, 1, 2)),
+  "crate_alpha/1": ("crate_alpha", (1, 1, 1)),
+  "crate_alpha/dp2_fsdp2_tp2": ("crate_alpha", (2, 2, 2)),
 }
 # XLA:CPU flags that make these small programs compile ~4x faster (plainer machine code);
 # every case, the references included, runs with them.
@@ -40,21 +41,23 @@ RESTORE_MESH = (2, 1, 4)  # The fsdp8 checkpoint is restored on dp2 x tp4.
 # Leaves whose shardings are checked, by path suffix (parameters and Adam moments):
 # logical axes -> expected mesh axes under the default rules.
 CHECKED = {
-    "encoder/layer_0/mssa/proj": ("fsdp", "tensor", None),  # (embed, heads, head_dim)
-    "encoder/layer_0/mssa/out": ("tensor", None, "fsdp"),  # (heads, head_dim, embed)
-    "encoder/layer_0/ista/D": ("fsdp", "tensor"),  # (embed, dict)
-    "encoder/layer_0/odl/D": ("fsdp", "tensor"),
-    "encoder/layer_0/odl/D1": ("fsdp", "tensor"),
-    "head/kernel": ("fsdp", "tensor"),  # (embed, classes)
+  "encoder/layer_0/mssa/proj": ("fsdp", "tensor", None),  # (embed, heads, head_dim)
+  "encoder/layer_0/mssa/out": ("tensor", None, "fsdp"),  # (heads, head_dim, embed)
+  "encoder/layer_0/ista/D": ("fsdp", "tensor"),  # (embed, dict)
+  "encoder/layer_0/odl/D": ("fsdp", "tensor"),
+  "encoder/layer_0/odl/D1": ("fsdp", "tensor"),
+  "head/kernel": ("fsdp", "tensor"),  # (embed, classes)
 }
 
 
 def _config(model_name, mesh_sizes):
   from crate_jax import config_utils  # pylint: disable=g-import-not-at-top
+
   config = config_utils.base_config()
   config.model_name = model_name
-  config.model = config_utils.model_config(model_name, width=32, depth=2, heads=4,
-                                           patch_size=(8, 8))
+  config.model = config_utils.model_config(
+    model_name, width=32, depth=2, heads=4, patch_size=(8, 8)
+  )
   config.input.image_size = 16
   config.input.num_classes = 8
   config.input.global_batch_size = 16
@@ -66,17 +69,24 @@ def _config(model_name, mesh_sizes):
 def _worker(out_path: str, checkpoint_dir: str) -> None:
   """Trains every case on this process's 8 CPU devices; writes the measurements as JSON."""
   import jax  # pylint: disable=g-import-not-at-top
-  from crate_jax import checkpointing, config_utils, optim, sharding, train  # pylint: disable=g-import-not-at-top
+
+  from crate_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from crate_jax import config_utils  # pylint: disable=g-import-not-at-top
+  from crate_jax import optim  # pylint: disable=g-import-not-at-top
+  from crate_jax import sharding  # pylint: disable=g-import-not-at-top
+  from crate_jax import train  # pylint: disable=g-import-not-at-top
   from crate_jax.models import get_model  # pylint: disable=g-import-not-at-top
 
   assert jax.device_count() == NUM_DEVICES, jax.devices()
   rng = np.random.default_rng(0)
-  batch = {"image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
-           "labels": np.eye(8, dtype=np.float32)[rng.integers(0, 8, 16)]}
+  batch = {
+    "image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
+    "labels": np.eye(8, dtype=np.float32)[rng.integers(0, 8, 16)],
+  }
 
   def setup(model_name, mesh_sizes):
     config = _config(model_name, mesh_sizes)
-    mesh = sharding.create_mesh(config, jax.devices()[:int(np.prod(mesh_sizes))])
+    mesh = sharding.create_mesh(config, jax.devices()[: int(np.prod(mesh_sizes))])
     rules = sharding.logical_rules(config)
     model = get_model(model_name, **config_utils.model_kwargs(config))
     schedule = optim.create_schedule("constant", base_lr=config.optimizer.lr, total_steps=STEPS)
@@ -91,9 +101,15 @@ def _worker(out_path: str, checkpoint_dir: str) -> None:
 
   def describe(state):
     """Spec and first-shard shape of the checked leaves (parameters and optimizer moments)."""
-    return {path: {"spec": [list(a) if isinstance(a, tuple) else a for a in x.sharding.spec],
-                   "shape": list(x.shape), "shard": list(x.addressable_shards[0].data.shape)}
-            for path, x in leaves(state).items() if path.endswith(tuple(CHECKED))}
+    return {
+      path: {
+        "spec": [list(a) if isinstance(a, tuple) else a for a in x.sharding.spec],
+        "shape": list(x.shape),
+        "shard": list(x.addressable_shards[0].data.shape),
+      }
+      for path, x in leaves(state).items()
+      if path.endswith(tuple(CHECKED))
+    }
 
   results, references, states = {}, {}, {}
   for name, (model_name, mesh_sizes) in CASES.items():
@@ -108,15 +124,17 @@ def _worker(out_path: str, checkpoint_dir: str) -> None:
         state = jax.device_put(reference["init"], shardings)
       if reference is not None:
         result["init_max_diff"] = max(
-            float(np.max(np.abs(np.asarray(a) - b)))
-            for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(reference["init"])))
+          float(np.max(np.abs(np.asarray(a) - b)))
+          for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(reference["init"]))
+        )
       else:
         references[model_name] = reference = {"init": jax.device_get(state)}
       batch_sharding = sharding.batch_sharding(mesh, rules)
       global_batch = sharding.put_batch(batch, batch_sharding)
       result["batch_shard"] = list(global_batch["image"].addressable_shards[0].data.shape)
       lowered = train.make_train_step(model, tx, schedule, shardings, batch_sharding).lower(
-          state, global_batch)
+        state, global_batch
+      )
       result["constraints"] = lowered.as_text().count("sdy.sharding_constraint")
       step = lowered.compile()
       losses, donated = [], None
@@ -125,12 +143,12 @@ def _worker(out_path: str, checkpoint_dir: str) -> None:
         state, metrics = step(state, global_batch)
         losses.append(float(metrics.loss.compute()))
         donated = all(x.is_deleted() for x in jax.tree.leaves(previous))
-      result.update(losses=losses, donated=donated, leaves=describe(state),
-                    mesh=dict(mesh.shape))
+      result.update(losses=losses, donated=donated, leaves=describe(state), mesh=dict(mesh.shape))
       if "final" in reference:
         result["final_max_diff"] = max(
-            float(np.max(np.abs(np.asarray(a) - b)))
-            for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(reference["final"])))
+          float(np.max(np.abs(np.asarray(a) - b)))
+          for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(reference["final"]))
+        )
       else:
         reference["final"] = jax.device_get(state.params)
     states[name] = state
@@ -147,12 +165,17 @@ def _worker(out_path: str, checkpoint_dir: str) -> None:
   restored = restorer.restore_latest(train.with_shardings(abstract, shardings))
   restorer.close()
   results["restore"] = {
-      "step": int(restored.step),
-      "max_diff": max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-                      for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(saved))),
-      "same_shardings": all(a.sharding.is_equivalent_to(s, a.ndim) for a, s in
-                            zip(jax.tree.leaves(restored), jax.tree.leaves(shardings))),
-      "leaves": describe(restored)}
+    "step": int(restored.step),
+    "max_diff": max(
+      float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+      for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(saved))
+    ),
+    "same_shardings": all(
+      a.sharding.is_equivalent_to(s, a.ndim)
+      for a, s in zip(jax.tree.leaves(restored), jax.tree.leaves(shardings))
+    ),
+    "leaves": describe(restored),
+  }
   pathlib.Path(out_path).write_text(json.dumps(results))
 
 
@@ -160,11 +183,20 @@ def _worker(out_path: str, checkpoint_dir: str) -> None:
 def results(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("sharding")
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={NUM_DEVICES} {FAST_COMPILE}")
+  env.update(
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=str(REPO),
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={NUM_DEVICES} {FAST_COMPILE}",
+  )
   out = tmp / "results.json"
-  proc = subprocess.run([sys.executable, __file__, str(out), str(tmp / "checkpoints")],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+    [sys.executable, __file__, str(out), str(tmp / "checkpoints")],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
   return json.loads(out.read_text())
 

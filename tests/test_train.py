@@ -5,6 +5,7 @@ mid-run checkpoint ends bitwise where an uninterrupted run ends; SIGTERM saves a
 and a rerun continues; divergence stops without saving; a missing dataset; exact evaluation
 over uneven batches; gradient accumulation equals the big-batch step; fine-tuning init.
 """
+
 import os
 import pathlib
 import re
@@ -77,8 +78,9 @@ def _params(workdir, step):
 
 def test_resumed_run_ends_bitwise_like_an_uninterrupted_one(data_dir, tmp_path):
   uninterrupted = tmp_path / "uninterrupted"
-  final = train.train_and_evaluate(tiny_config(data_dir, rate_reduction_num_images=8),
-                                   str(uninterrupted))
+  final = train.train_and_evaluate(
+    tiny_config(data_dir, rate_reduction_num_images=8), str(uninterrupted)
+  )
   assert int(final.step) == 8
   assert _checkpoint_steps(uninterrupted) == [4, 8]
   for name in ("config.json", "rate_reduction.png"):
@@ -99,7 +101,8 @@ def test_resumed_run_ends_bitwise_like_an_uninterrupted_one(data_dir, tmp_path):
   # total_steps=0 evaluates the latest checkpoint and redraws the plot, changing nothing else.
   (uninterrupted / "rate_reduction.png").unlink()
   evaluated = train.train_and_evaluate(
-      tiny_config(data_dir, rate_reduction_num_images=8, total_steps=0), str(uninterrupted))
+    tiny_config(data_dir, rate_reduction_num_images=8, total_steps=0), str(uninterrupted)
+  )
   jax.tree.map(np.testing.assert_array_equal, evaluated.params, expected)
   assert (uninterrupted / "rate_reduction.png").exists()
   assert _checkpoint_steps(uninterrupted) == [4, 8]
@@ -117,27 +120,39 @@ def test_diverging_learning_rate_stops_without_saving(data_dir, tmp_path):
 def test_missing_dataset_says_how_to_prepare_it(tmp_path):
   config = tiny_config(tmp_path / "empty_data_dir")
   config.input.dataset = "cifar10"
-  with pytest.raises(pipeline.DatasetNotPreparedError,
-                     match=r"(?s)Dataset 'cifar10' .*tfds build cifar10"):
+  with pytest.raises(
+    pipeline.DatasetNotPreparedError, match=r"(?s)Dataset 'cifar10' .*tfds build cifar10"
+  ):
     train.train_and_evaluate(config, str(tmp_path / "workdir"))
 
 
 def _run_main(workdir, data_dir, *flags, **popen_kwargs):
-  command = [sys.executable, "-m", "crate_jax.main",
-             "--config=configs/demo.py:width=16,depth=2,heads=2,patch=4",
-             f"--workdir={workdir}", f"--config.input.dataset=crate_shapes/{TINY.name}",
-             f"--config.input.data_dir={data_dir}", "--config.input.image_size=16",
-             "--config.input.global_batch_size=16", "--config.input.eval_batch_size=32",
-             "--config.schedule.warmup_steps=2", "--config.log_every_steps=1",
-             "--config.eval_every_steps=0", "--config.rate_reduction_num_images=0", *flags]
+  command = [
+    sys.executable,
+    "-m",
+    "crate_jax.main",
+    "--config=configs/demo.py:width=16,depth=2,heads=2,patch=4",
+    f"--workdir={workdir}",
+    f"--config.input.dataset=crate_shapes/{TINY.name}",
+    f"--config.input.data_dir={data_dir}",
+    "--config.input.image_size=16",
+    "--config.input.global_batch_size=16",
+    "--config.input.eval_batch_size=32",
+    "--config.schedule.warmup_steps=2",
+    "--config.log_every_steps=1",
+    "--config.eval_every_steps=0",
+    "--config.rate_reduction_num_images=0",
+    *flags,
+  ]
   return subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True, **popen_kwargs)
 
 
 def test_sigterm_saves_exits_cleanly_and_a_rerun_continues(data_dir, tmp_path):
   # A shared compilation cache spares the rerun most of its compilation.
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))
-  process = _run_main(tmp_path, data_dir, "--config.total_steps=100000",
-                      "--config.checkpoint_every_steps=0", env=env)
+  process = _run_main(
+    tmp_path, data_dir, "--config.total_steps=100000", "--config.checkpoint_every_steps=0", env=env
+  )
   log = []
   for line in process.stderr:  # Wait until training runs, then preempt it.
     log.append(line)
@@ -179,9 +194,17 @@ def _tiny_setup(data_dir) -> types.SimpleNamespace:
     shardings = sharding.state_shardings(specs, abstract, mesh, rules)
     batch_sharding = sharding.batch_sharding(mesh, rules)
     state = train.create_train_state(model, tx, 16, 0, shardings)
-  return types.SimpleNamespace(config=config, model=model, mesh=mesh, rules=rules,
-                               schedule=schedule, tx=tx, shardings=shardings,
-                               batch_sharding=batch_sharding, state=state)
+  return types.SimpleNamespace(
+    config=config,
+    model=model,
+    mesh=mesh,
+    rules=rules,
+    schedule=schedule,
+    tx=tx,
+    shardings=shardings,
+    batch_sharding=batch_sharding,
+    state=state,
+  )
 
 
 def test_gradient_accumulation_equals_the_big_batch_step(data_dir):
@@ -190,15 +213,22 @@ def test_gradient_accumulation_equals_the_big_batch_step(data_dir):
   with sharding.use_mesh(setup.mesh, setup.rules):
     results = []
     for accum in (1, 4):
-      step = train.make_train_step(setup.model, setup.tx, setup.schedule, setup.shardings,
-                                   setup.batch_sharding, label_smoothing=0.1,
-                                   grad_accum_steps=accum)
+      step = train.make_train_step(
+        setup.model,
+        setup.tx,
+        setup.schedule,
+        setup.shardings,
+        setup.batch_sharding,
+        label_smoothing=0.1,
+        grad_accum_steps=accum,
+      )
       state = jax.tree.map(jnp.copy, setup.state)  # The step donates its input.
       state, metrics = step(state, sharding.put_batch(batch, setup.batch_sharding))
       results.append((jax.device_get(state.params), jax.device_get(metrics.compute())))
   (params_1, metrics_1), (params_4, metrics_4) = results
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               params_4, params_1)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params_4, params_1
+  )
   for name in ("loss", "grad_norm", "update_norm"):
     np.testing.assert_allclose(metrics_4[name], metrics_1[name], rtol=1e-4)
 
@@ -222,27 +252,34 @@ def test_evaluation_counts_every_example_once_over_uneven_batches(data_dir):
 
 def test_pretrained_parameters_fit_a_new_head_and_resolution(data_dir):
   model = _tiny_setup(data_dir).model
-  pretrained = flax.linen.unbox(jax.device_get(
-      jax.jit(model.init)(jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 3)))["params"]))
+  pretrained = flax.linen.unbox(
+    jax.device_get(jax.jit(model.init)(jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 3)))["params"])
+  )
   target = train.abstract_params(model.clone(num_classes=7, image_size=24, scan_layers=True), 24)
   adapted = train.adapt_pretrained(pretrained, target)
   assert ("head", "kernel") not in adapted and ("head", "bias") not in adapted
   assert adapted[("pos_embedding",)].shape == (1, 1 + 6 * 6, 16)
-  np.testing.assert_array_equal(adapted[("pos_embedding",)][:, 0],
-                                pretrained["pos_embedding"][:, 0])
-  np.testing.assert_array_equal(adapted[("encoder", "layers", "ista", "D")][1],
-                                pretrained["encoder"]["layer_1"]["ista"]["D"])
+  np.testing.assert_array_equal(
+    adapted[("pos_embedding",)][:, 0], pretrained["pos_embedding"][:, 0]
+  )
+  np.testing.assert_array_equal(
+    adapted[("encoder", "layers", "ista", "D")][1], pretrained["encoder"]["layer_1"]["ista"]["D"]
+  )
   with pytest.raises(ValueError, match="do not fit config.model"):
     train.adapt_pretrained(pretrained, train.abstract_params(model.clone(width=32), 16))
 
 
-@pytest.mark.parametrize("field,value,message", [
+@pytest.mark.parametrize(
+  "field,value,message",
+  [
     ("schedule.warmup_steps", 50, r"config.schedule: warmup_steps \(50\)"),
     ("optimizer.name", "adam", r"config.optimizer: optimizer.name='adam' has no weight decay"),
     ("mesh.axes", (("data", 3),), r"config.mesh: Mesh \{'data': 3\} does not divide"),
-])
+  ],
+)
 def test_inconsistent_config_is_a_config_error_before_anything_is_written(
-    data_dir, tmp_path, field, value, message):
+  data_dir, tmp_path, field, value, message
+):
   config = tiny_config(data_dir, **{field: value})
   with pytest.raises(config_utils.ConfigError, match=message):
     train.train_and_evaluate(config, str(tmp_path / "run"))

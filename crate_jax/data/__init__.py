@@ -9,10 +9,10 @@ from crate_jax.data.pipeline import num_examples
 from crate_jax.data.pipeline import prepare_dataset
 
 __all__ = [
-    'DatasetNotPreparedError',
-    'default_input_config',
-    'make_eval_iterator',
-    'make_train_iterator',
-    'num_examples',
-    'prepare_dataset',
+  "DatasetNotPreparedError",
+  "default_input_config",
+  "make_eval_iterator",
+  "make_train_iterator",
+  "num_examples",
+  "prepare_dataset",
 ]

@@ -26,51 +26,56 @@ import tensorflow_datasets as tfds
 class Imagenet21k(tfds.core.GeneratorBasedBuilder):
   """ImageNet-21K from the manual directory of per-synset tar files."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      'Download an ImageNet-21K release (e.g. winter21_whole.tar.gz) from '
-      'https://image-net.org and extract it: manual_dir must hold the '
-      'per-synset tar files n*.tar.')
+    "Download an ImageNet-21K release (e.g. winter21_whole.tar.gz) from "
+    "https://image-net.org and extract it: manual_dir must hold the "
+    "per-synset tar files n*.tar."
+  )
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(),
-            'label': tfds.features.ClassLabel(),  # Named after the synsets found.
-            'file_name': tfds.features.Text(),
-        }),
-        supervised_keys=('image', 'label'),
+      builder=self,
+      description=__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(),
+          "label": tfds.features.ClassLabel(),  # Named after the synsets found.
+          "file_name": tfds.features.Text(),
+        }
+      ),
+      supervised_keys=("image", "label"),
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    synset_tars = sorted(dl_manager.manual_dir.glob('n*.tar'))
+    synset_tars = sorted(dl_manager.manual_dir.glob("n*.tar"))
     if not synset_tars:
       raise FileNotFoundError(
-          f'No n*.tar in {dl_manager.manual_dir}. {self.MANUAL_DOWNLOAD_INSTRUCTIONS}')
-    self.info.features['label'].names = [path.stem for path in synset_tars]
-    return {'full': self._generate_examples(synset_tars)}
+        f"No n*.tar in {dl_manager.manual_dir}. {self.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+      )
+    self.info.features["label"].names = [path.stem for path in synset_tars]
+    return {"full": self._generate_examples(synset_tars)}
 
   def _generate_examples(self, synset_tars):
     for label, path in enumerate(synset_tars):
-      with tarfile.open(path, 'r|') as synset_tar:  # Streamed: the tars are large.
+      with tarfile.open(path, "r|") as synset_tar:  # Streamed: the tars are large.
         for member in synset_tar:
           if member.isfile():
             image = synset_tar.extractfile(member).read()
-            yield member.name, {'image': image, 'label': label, 'file_name': member.name}
+            yield member.name, {"image": image, "label": label, "file_name": member.name}
 
 
 def build(manual_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> None:
   """Converts the per-synset tars in `manual_dir` into `data_dir`/imagenet21k."""
   Imagenet21k(data_dir=data_dir and os.fspath(data_dir)).download_and_prepare(
-      file_format='array_record',
-      download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
+    file_format="array_record",
+    download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)),
+  )
 
 
-if __name__ == '__main__':
-  _MANUAL_DIR = flags.DEFINE_string('manual_dir', None, 'Directory of the n*.tar files.')
-  _DATA_DIR = flags.DEFINE_string('data_dir', None, 'tfds data directory to write to.')
-  flags.mark_flag_as_required('manual_dir')
+if __name__ == "__main__":
+  _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Directory of the n*.tar files.")
+  _DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data directory to write to.")
+  flags.mark_flag_as_required("manual_dir")
   app.run(lambda argv: build(_MANUAL_DIR.value, _DATA_DIR.value))

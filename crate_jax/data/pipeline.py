@@ -38,7 +38,7 @@ import tensorflow_datasets as tfds
 from crate_jax.data import preprocess
 from crate_jax.data import shapes
 
-_DOCS = 'docs/data.md'
+_DOCS = "docs/data.md"
 
 
 class DatasetNotPreparedError(RuntimeError):
@@ -80,47 +80,55 @@ def default_input_config() -> ml_collections.ConfigDict:
       image_size * eval_resize_ratio, then crops the central S x S; 256/224
       is the ImageNet convention, 1.0 keeps whole (already small) images.
   """
-  return ml_collections.ConfigDict({
-      'dataset': 'crate_shapes/32',
-      'data_dir': ml_collections.FieldReference(None, field_type=str),
-      'train_split': 'train',
-      'eval_split': 'test',
-      'num_classes': 10,
-      'image_size': 32,
-      'global_batch_size': 256,
-      'eval_batch_size': 500,
-      'shuffle_seed': ml_collections.FieldReference(None, field_type=int),
-      'num_workers': 0,
-      'num_threads': 2,
-      'prefetch': 2,
-      'crop': 'none',
-      'crop_min_area': 0.08,
-      'flip': True,
-      'randaugment_layers': 0,
-      'randaugment_magnitude': 10.0,
-      'mixup_alpha': 0.0,
-      'cutmix_alpha': 0.0,
-      'mean': preprocess.IMAGENET_MEAN,
-      'std': preprocess.IMAGENET_STD,
-      'eval_resize_ratio': 1.0,
-  })
+  return ml_collections.ConfigDict(
+    {
+      "dataset": "crate_shapes/32",
+      "data_dir": ml_collections.FieldReference(None, field_type=str),
+      "train_split": "train",
+      "eval_split": "test",
+      "num_classes": 10,
+      "image_size": 32,
+      "global_batch_size": 256,
+      "eval_batch_size": 500,
+      "shuffle_seed": ml_collections.FieldReference(None, field_type=int),
+      "num_workers": 0,
+      "num_threads": 2,
+      "prefetch": 2,
+      "crop": "none",
+      "crop_min_area": 0.08,
+      "flip": True,
+      "randaugment_layers": 0,
+      "randaugment_magnitude": 10.0,
+      "mixup_alpha": 0.0,
+      "cutmix_alpha": 0.0,
+      "mean": preprocess.IMAGENET_MEAN,
+      "std": preprocess.IMAGENET_STD,
+      "eval_resize_ratio": 1.0,
+    }
+  )
 
 
 def _how_to_prepare(name: str, data_dir: str) -> str:
-  dataset = name.partition('/')[0]
-  if dataset == 'crate_shapes':
-    return ('Build it with crate_jax.data.shapes.build(CrateShapesConfig('
-            f'name=..., ...), data_dir={data_dir!r}).')
-  if dataset == 'imagenet21k':
-    return ('Extract an ImageNet-21K release (one n*.tar per synset) and run:\n'
-            '  python -m crate_jax.data.imagenet21k --manual_dir=<extracted dir> '
-            f'--data_dir={data_dir}')
-  command = f'tfds build {name} --data_dir={data_dir} --file_format=array_record'
-  if dataset == 'imagenet2012':
-    return ('Put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in '
-            f'{data_dir}/downloads/manual/ and run, in an environment with '
-            f'TensorFlow:\n  {command}')
-  return f'Run, in an environment with TensorFlow:\n  {command}'
+  dataset = name.partition("/")[0]
+  if dataset == "crate_shapes":
+    return (
+      "Build it with crate_jax.data.shapes.build(CrateShapesConfig("
+      f"name=..., ...), data_dir={data_dir!r})."
+    )
+  if dataset == "imagenet21k":
+    return (
+      "Extract an ImageNet-21K release (one n*.tar per synset) and run:\n"
+      "  python -m crate_jax.data.imagenet21k --manual_dir=<extracted dir> "
+      f"--data_dir={data_dir}"
+    )
+  command = f"tfds build {name} --data_dir={data_dir} --file_format=array_record"
+  if dataset == "imagenet2012":
+    return (
+      "Put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in "
+      f"{data_dir}/downloads/manual/ and run, in an environment with "
+      f"TensorFlow:\n  {command}"
+    )
+  return f"Run, in an environment with TensorFlow:\n  {command}"
 
 
 def _builder(input_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
@@ -129,24 +137,25 @@ def _builder(input_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilde
   data_dir = os.fspath(shapes.resolve_data_dir(input_config.data_dir))
   try:
     builder = tfds.builder(name, data_dir=data_dir)
-    problem = None if builder.is_prepared() else 'is not prepared'
+    problem = None if builder.is_prepared() else "is not prepared"
   except tfds.core.DatasetNotFoundError:
-    problem = 'was not found'
+    problem = "was not found"
   if not problem and builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
-    problem = f'is stored as {builder.info.file_format.value}, not array_record'
+    problem = f"is stored as {builder.info.file_format.value}, not array_record"
   if problem:
     raise DatasetNotPreparedError(
-        f'Dataset {name!r} {problem} in data_dir {data_dir!r}. '
-        f'{_how_to_prepare(name, data_dir)}\nSee {_DOCS}.')
+      f"Dataset {name!r} {problem} in data_dir {data_dir!r}. "
+      f"{_how_to_prepare(name, data_dir)}\nSee {_DOCS}."
+    )
   return builder
 
 
 def _data_source(builder: tfds.core.DatasetBuilder, split: str):
   """Random-access split whose `Image` features stay encoded (decoded later)."""
   decoders = {
-      key: tfds.decode.SkipDecoding()
-      for key, feature in builder.info.features.items()
-      if isinstance(feature, tfds.features.Image)
+    key: tfds.decode.SkipDecoding()
+    for key, feature in builder.info.features.items()
+    if isinstance(feature, tfds.features.Image)
   }
   return builder.as_data_source(split=split, decoders=decoders)
 
@@ -157,8 +166,8 @@ def prepare_dataset(input_config: ml_collections.ConfigDict) -> None:
   Raises:
     DatasetNotPreparedError: saying how to prepare the missing dataset.
   """
-  dataset, _, config = input_config.dataset.partition('/')
-  if dataset == 'crate_shapes' and (not config or config in shapes.CrateShapes.builder_configs):
+  dataset, _, config = input_config.dataset.partition("/")
+  if dataset == "crate_shapes" and (not config or config in shapes.CrateShapes.builder_configs):
     shapes.prepare(input_config.dataset, input_config.data_dir)
   else:
     _builder(input_config)
@@ -171,38 +180,46 @@ def num_examples(input_config: ml_collections.ConfigDict, split: str) -> int:
 
 def _host_shard(num: int, process_index: int, process_count: int) -> slice:
   """The contiguous range of `num` examples that a host reads: disjoint, covering."""
-  return slice(num * process_index // process_count,
-               num * (process_index + 1) // process_count)
+  return slice(num * process_index // process_count, num * (process_index + 1) // process_count)
 
 
 def _per_host(batch_size: int, process_count: int) -> int:
   if batch_size % process_count:
-    raise ValueError(
-        f'Batch size {batch_size} is not divisible by {process_count} hosts.')
+    raise ValueError(f"Batch size {batch_size} is not divisible by {process_count} hosts.")
   return batch_size // process_count
 
 
 def _hosts(process_index: int | None, process_count: int | None) -> tuple[int, int]:
-  return (jax.process_index() if process_index is None else process_index,
-          jax.process_count() if process_count is None else process_count)
+  return (
+    jax.process_index() if process_index is None else process_index,
+    jax.process_count() if process_count is None else process_count,
+  )
 
 
-def _iterator(dataset: grain.MapDataset,
-              input_config: ml_collections.ConfigDict) -> grain.DatasetIterator:
+def _iterator(
+  dataset: grain.MapDataset, input_config: ml_collections.ConfigDict
+) -> grain.DatasetIterator:
   """Prefetches `dataset` in threads, and in worker processes if configured."""
-  dataset = dataset.to_iter_dataset(grain.ReadOptions(
-      num_threads=input_config.num_threads,
-      prefetch_buffer_size=input_config.prefetch))
+  dataset = dataset.to_iter_dataset(
+    grain.ReadOptions(
+      num_threads=input_config.num_threads, prefetch_buffer_size=input_config.prefetch
+    )
+  )
   if input_config.num_workers:
-    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=input_config.num_workers,
-        per_worker_buffer_size=input_config.prefetch))
+    dataset = dataset.mp_prefetch(
+      grain.MultiprocessingOptions(
+        num_workers=input_config.num_workers, per_worker_buffer_size=input_config.prefetch
+      )
+    )
   return iter(dataset)
 
 
 def make_train_iterator(
-    input_config: ml_collections.ConfigDict, *, seed: int,
-    process_index: int | None = None, process_count: int | None = None,
+  input_config: ml_collections.ConfigDict,
+  *,
+  seed: int,
+  process_index: int | None = None,
+  process_count: int | None = None,
 ) -> grain.DatasetIterator:
   """Endless, checkpointable iterator over this host's training batches.
 
@@ -225,42 +242,48 @@ def make_train_iterator(
   shuffle_seed = seed if input_config.shuffle_seed is None else input_config.shuffle_seed
   augment_seed, batch_seed = np.random.SeedSequence([seed, process_index]).generate_state(2)
   example_preprocess = preprocess.TrainExamplePreprocess(
-      image_size=input_config.image_size,
-      crop=input_config.crop,
-      crop_min_area=input_config.crop_min_area,
-      flip=input_config.flip,
-      randaugment_layers=input_config.randaugment_layers,
-      randaugment_magnitude=input_config.randaugment_magnitude)
+    image_size=input_config.image_size,
+    crop=input_config.crop,
+    crop_min_area=input_config.crop_min_area,
+    flip=input_config.flip,
+    randaugment_layers=input_config.randaugment_layers,
+    randaugment_magnitude=input_config.randaugment_magnitude,
+  )
   batch_preprocess = preprocess.TrainBatchPreprocess(
-      num_classes=input_config.num_classes,
-      mean=tuple(input_config.mean),
-      std=tuple(input_config.std),
-      mixup_alpha=input_config.mixup_alpha,
-      cutmix_alpha=input_config.cutmix_alpha)
+    num_classes=input_config.num_classes,
+    mean=tuple(input_config.mean),
+    std=tuple(input_config.std),
+    mixup_alpha=input_config.mixup_alpha,
+    cutmix_alpha=input_config.cutmix_alpha,
+  )
   dataset = (
-      grain.MapDataset.source(source)[_host_shard(len(source), process_index, process_count)]
-      .shuffle(seed=shuffle_seed)
-      .repeat()
-      .random_map(example_preprocess, seed=int(augment_seed))
-      .batch(_per_host(input_config.global_batch_size, process_count), drop_remainder=True)
-      .random_map(batch_preprocess, seed=int(batch_seed)))
+    grain.MapDataset.source(source)[_host_shard(len(source), process_index, process_count)]
+    .shuffle(seed=shuffle_seed)
+    .repeat()
+    .random_map(example_preprocess, seed=int(augment_seed))
+    .batch(_per_host(input_config.global_batch_size, process_count), drop_remainder=True)
+    .random_map(batch_preprocess, seed=int(batch_seed))
+  )
   return _iterator(dataset, input_config)
 
 
 def _padding_example(image_size: int, with_segmentation: bool) -> dict[str, np.ndarray]:
   example = {
-      'image': np.zeros((image_size, image_size, 3), np.uint8),
-      'label': np.int32(0),
-      'mask': np.float32(0),
+    "image": np.zeros((image_size, image_size, 3), np.uint8),
+    "label": np.int32(0),
+    "mask": np.float32(0),
   }
   if with_segmentation:
-    example['segmentation'] = np.zeros((image_size, image_size), np.uint8)
+    example["segmentation"] = np.zeros((image_size, image_size), np.uint8)
   return example
 
 
 def make_eval_iterator(
-    input_config: ml_collections.ConfigDict, *, with_segmentation: bool = False,
-    process_index: int | None = None, process_count: int | None = None,
+  input_config: ml_collections.ConfigDict,
+  *,
+  with_segmentation: bool = False,
+  process_index: int | None = None,
+  process_count: int | None = None,
 ) -> grain.DatasetIterator:
   """One pass over this host's shard of the evaluation split.
 
@@ -283,23 +306,25 @@ def make_eval_iterator(
   segmentation_key = None
   if with_segmentation:
     segmentation_key = next(
-        (key for key in ('segmentation', 'segmentation_mask') if key in builder.info.features),
-        None)
+      (key for key in ("segmentation", "segmentation_mask") if key in builder.info.features), None
+    )
     if segmentation_key is None:
-      raise ValueError(f'{input_config.dataset} has no segmentation masks.')
+      raise ValueError(f"{input_config.dataset} has no segmentation masks.")
   source = _data_source(builder, input_config.eval_split)
   shard = _host_shard(len(source), process_index, process_count)
   batch_size = _per_host(input_config.eval_batch_size, process_count)
   num_batches = math.ceil(math.ceil(len(source) / process_count) / batch_size)
   example_preprocess = preprocess.EvalExamplePreprocess(
-      image_size=input_config.image_size,
-      resize_ratio=input_config.eval_resize_ratio,
-      segmentation_key=segmentation_key)
+    image_size=input_config.image_size,
+    resize_ratio=input_config.eval_resize_ratio,
+    segmentation_key=segmentation_key,
+  )
   dataset = grain.MapDataset.source(source)[shard].map(example_preprocess)
   num_padding = num_batches * batch_size - len(dataset)
   if num_padding:
     padding = [_padding_example(input_config.image_size, with_segmentation)] * num_padding
     dataset = grain.MapDataset.concatenate([dataset, grain.MapDataset.source(padding)])
   batch_preprocess = preprocess.EvalBatchPreprocess(
-      mean=tuple(input_config.mean), std=tuple(input_config.std))
+    mean=tuple(input_config.mean), std=tuple(input_config.std)
+  )
   return _iterator(dataset.batch(batch_size).map(batch_preprocess), input_config)

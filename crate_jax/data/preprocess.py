@@ -9,20 +9,23 @@ Every random choice draws from an explicit `np.random.Generator`, so grain's
 per-element generators make the whole pipeline deterministic.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 import dataclasses
 import io
 import math
 
 import numpy as np
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image
+from PIL import ImageEnhance
+from PIL import ImageOps
 
 ImageInput = bytes | np.ndarray
 Box = tuple[float, float, float, float]  # (left, upper, right, lower) in pixels.
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CROPS = ('random_resized', 'inception', 'none')
+CROPS = ("random_resized", "inception", "none")
 _ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
 
 
@@ -33,8 +36,9 @@ def open_image(data: ImageInput) -> Image.Image:
   return Image.open(io.BytesIO(data))
 
 
-def crop_and_resize(image: Image.Image, box: Box, size: int,
-                    resample=Image.Resampling.BILINEAR) -> Image.Image:
+def crop_and_resize(
+  image: Image.Image, box: Box, size: int, resample=Image.Resampling.BILINEAR
+) -> Image.Image:
   """Resamples the `box` of `image` to size x size RGB, decoding JPEGs at reduced size.
 
   PIL's `draft()` makes the JPEG decoder downscale by 1/2, 1/4 or 1/8 while
@@ -43,8 +47,9 @@ def crop_and_resize(image: Image.Image, box: Box, size: int,
   width, height = image.size
   if box != (0, 0, width, height) or image.size != (size, size):
     left, upper, right, lower = box
-    image.draft('RGB', (math.ceil(width * size / (right - left)),
-                        math.ceil(height * size / (lower - upper))))  # No-op unless JPEG.
+    image.draft(
+      "RGB", (math.ceil(width * size / (right - left)), math.ceil(height * size / (lower - upper)))
+    )  # No-op unless JPEG.
     scale_x, scale_y = image.size[0] / width, image.size[1] / height
     box = (left * scale_x, upper * scale_y, right * scale_x, lower * scale_y)
     image = _rgb(image).resize((size, size), resample, box=box)
@@ -52,11 +57,12 @@ def crop_and_resize(image: Image.Image, box: Box, size: int,
 
 
 def _rgb(image: Image.Image) -> Image.Image:
-  return image if image.mode == 'RGB' else image.convert('RGB')
+  return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def sample_crop_box(width: int, height: int, rng: np.random.Generator, *,
-                    min_area: float, crop: str) -> Box:
+def sample_crop_box(
+  width: int, height: int, rng: np.random.Generator, *, min_area: float, crop: str
+) -> Box:
   """Samples a crop of `min_area`..100% of the image area and aspect ratio 3/4..4/3.
 
   Args:
@@ -74,16 +80,16 @@ def sample_crop_box(width: int, height: int, rng: np.random.Generator, *,
   Returns:
     The crop box.
   """
-  if crop == 'none':
+  if crop == "none":
     return (0, 0, width, height)
   if crop not in CROPS:
-    raise ValueError(f'Unknown crop {crop!r}; expected one of {CROPS}.')
+    raise ValueError(f"Unknown crop {crop!r}; expected one of {CROPS}.")
   area = width * height
   low, high = _ASPECT_RATIO_RANGE
-  attempts = 10 if crop == 'random_resized' else 100
+  attempts = 10 if crop == "random_resized" else 100
   for _ in range(attempts):
     target_area = area * rng.uniform(min_area, 1.0)
-    if crop == 'random_resized':
+    if crop == "random_resized":
       ratio = math.exp(rng.uniform(math.log(low), math.log(high)))
     else:
       ratio = rng.uniform(low, high)
@@ -93,7 +99,7 @@ def sample_crop_box(width: int, height: int, rng: np.random.Generator, *,
       left = rng.integers(0, width - crop_width + 1)
       upper = rng.integers(0, height - crop_height + 1)
       return (left, upper, left + crop_width, upper + crop_height)
-  if crop == 'inception':
+  if crop == "inception":
     return (0, 0, width, height)
   ratio = min(max(width / height, low), high)
   crop_width, crop_height = min(width, round(height * ratio)), min(height, round(width / ratio))
@@ -114,8 +120,13 @@ def _signed(value: float, rng: np.random.Generator) -> float:
 
 
 def _affine(image: Image.Image, coefficients) -> Image.Image:
-  return image.transform(image.size, Image.Transform.AFFINE, coefficients,
-                         resample=Image.Resampling.BILINEAR, fillcolor=(128,) * 3)
+  return image.transform(
+    image.size,
+    Image.Transform.AFFINE,
+    coefficients,
+    resample=Image.Resampling.BILINEAR,
+    fillcolor=(128,) * 3,
+  )
 
 
 def _solarize_add(image: Image.Image, addition: int) -> Image.Image:
@@ -124,41 +135,45 @@ def _solarize_add(image: Image.Image, addition: int) -> Image.Image:
 
 
 def _enhance(enhancer) -> Callable[[Image.Image, float, np.random.Generator], Image.Image]:
-  return lambda image, level, rng: enhancer(image).enhance(
-      max(0.1, 1 + _signed(0.9 * level, rng)))
+  return lambda image, level, rng: enhancer(image).enhance(max(0.1, 1 + _signed(0.9 * level, rng)))
 
 
 # RandAugment operations: op(image, level in [0, 1] for magnitude 0..10, rng).
 # Strengths follow timm's "increasing" variants: 0 is the identity and higher
 # magnitudes are always stronger; signed ops pick a random direction.
 RANDAUGMENT_OPS: dict[str, Callable[[Image.Image, float, np.random.Generator], Image.Image]] = {
-    'auto_contrast': lambda image, level, rng: ImageOps.autocontrast(image),
-    'equalize': lambda image, level, rng: ImageOps.equalize(image),
-    'invert': lambda image, level, rng: ImageOps.invert(image),
-    'rotate': lambda image, level, rng: image.rotate(
-        _signed(30 * level, rng), resample=Image.Resampling.BILINEAR, fillcolor=(128,) * 3),
-    'posterize': lambda image, level, rng: ImageOps.posterize(
-        image, max(1, 8 - int(4 * level))),
-    'solarize': lambda image, level, rng: ImageOps.solarize(
-        image, max(0, 256 - int(256 * level))),
-    'solarize_add': lambda image, level, rng: _solarize_add(image, int(110 * level)),
-    'color': _enhance(ImageEnhance.Color),
-    'contrast': _enhance(ImageEnhance.Contrast),
-    'brightness': _enhance(ImageEnhance.Brightness),
-    'sharpness': _enhance(ImageEnhance.Sharpness),
-    'shear_x': lambda image, level, rng: _affine(
-        image, (1, _signed(0.3 * level, rng), 0, 0, 1, 0)),
-    'shear_y': lambda image, level, rng: _affine(
-        image, (1, 0, 0, _signed(0.3 * level, rng), 1, 0)),
-    'translate_x': lambda image, level, rng: _affine(
-        image, (1, 0, _signed(0.45 * level * image.width, rng), 0, 1, 0)),
-    'translate_y': lambda image, level, rng: _affine(
-        image, (1, 0, 0, 0, 1, _signed(0.45 * level * image.height, rng))),
+  "auto_contrast": lambda image, level, rng: ImageOps.autocontrast(image),
+  "equalize": lambda image, level, rng: ImageOps.equalize(image),
+  "invert": lambda image, level, rng: ImageOps.invert(image),
+  "rotate": lambda image, level, rng: image.rotate(
+    _signed(30 * level, rng), resample=Image.Resampling.BILINEAR, fillcolor=(128,) * 3
+  ),
+  "posterize": lambda image, level, rng: ImageOps.posterize(image, max(1, 8 - int(4 * level))),
+  "solarize": lambda image, level, rng: ImageOps.solarize(image, max(0, 256 - int(256 * level))),
+  "solarize_add": lambda image, level, rng: _solarize_add(image, int(110 * level)),
+  "color": _enhance(ImageEnhance.Color),
+  "contrast": _enhance(ImageEnhance.Contrast),
+  "brightness": _enhance(ImageEnhance.Brightness),
+  "sharpness": _enhance(ImageEnhance.Sharpness),
+  "shear_x": lambda image, level, rng: _affine(image, (1, _signed(0.3 * level, rng), 0, 0, 1, 0)),
+  "shear_y": lambda image, level, rng: _affine(image, (1, 0, 0, _signed(0.3 * level, rng), 1, 0)),
+  "translate_x": lambda image, level, rng: _affine(
+    image, (1, 0, _signed(0.45 * level * image.width, rng), 0, 1, 0)
+  ),
+  "translate_y": lambda image, level, rng: _affine(
+    image, (1, 0, 0, 0, 1, _signed(0.45 * level * image.height, rng))
+  ),
 }
 
 
-def randaugment(image: Image.Image, rng: np.random.Generator, *, num_layers: int,
-                magnitude: float, probability: float = 0.5) -> Image.Image:
+def randaugment(
+  image: Image.Image,
+  rng: np.random.Generator,
+  *,
+  num_layers: int,
+  magnitude: float,
+  probability: float = 0.5,
+) -> Image.Image:
   """RandAugment (Cubuk et al., 2020): `num_layers` random ops of one magnitude.
 
   Each layer draws an op uniformly and applies it with `probability`, as the
@@ -202,23 +217,25 @@ class TrainExamplePreprocess:
   `image` (encoded bytes or a uint8 array) and `label`; returns
   `{'image': uint8[S, S, 3], 'label': int32}`.
   """
+
   image_size: int
-  crop: str = 'random_resized'
+  crop: str = "random_resized"
   crop_min_area: float = 0.08
   flip: bool = True
   randaugment_layers: int = 0
   randaugment_magnitude: float = 10.0
 
   def __call__(self, element: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    image = open_image(element['image'])
+    image = open_image(element["image"])
     box = sample_crop_box(*image.size, rng, min_area=self.crop_min_area, crop=self.crop)
     image = crop_and_resize(image, box, self.image_size)
     if self.randaugment_layers:
-      image = randaugment(image, rng, num_layers=self.randaugment_layers,
-                          magnitude=self.randaugment_magnitude)
+      image = randaugment(
+        image, rng, num_layers=self.randaugment_layers, magnitude=self.randaugment_magnitude
+      )
     if self.flip and rng.random() < 0.5:
       image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return {'image': np.asarray(image), 'label': np.int32(element['label'])}
+    return {"image": np.asarray(image), "label": np.int32(element["label"])}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,6 +249,7 @@ class TrainBatchPreprocess:
   as `random_map(batch, rng)`; returns `{'image': float32[B, S, S, 3],
   'labels': float32[B, num_classes]}`.
   """
+
   num_classes: int
   mean: tuple[float, ...] = IMAGENET_MEAN
   std: tuple[float, ...] = IMAGENET_STD
@@ -239,13 +257,16 @@ class TrainBatchPreprocess:
   cutmix_alpha: float = 0.0
 
   def __call__(self, batch: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    images = normalize(batch['image'], self.mean, self.std)
-    labels = np.eye(self.num_classes, dtype=np.float32)[batch['label']]
-    modes = [mode for mode, alpha in (('mixup', self.mixup_alpha),
-                                      ('cutmix', self.cutmix_alpha)) if alpha > 0]
+    images = normalize(batch["image"], self.mean, self.std)
+    labels = np.eye(self.num_classes, dtype=np.float32)[batch["label"]]
+    modes = [
+      mode
+      for mode, alpha in (("mixup", self.mixup_alpha), ("cutmix", self.cutmix_alpha))
+      if alpha > 0
+    ]
     if not modes:
-      return {'image': images, 'labels': labels}
-    if modes[rng.integers(len(modes))] == 'mixup':
+      return {"image": images, "labels": labels}
+    if modes[rng.integers(len(modes))] == "mixup":
       weight = np.float32(rng.beta(self.mixup_alpha, self.mixup_alpha))
       images = weight * images + (1 - weight) * images[::-1]
     else:
@@ -254,11 +275,13 @@ class TrainBatchPreprocess:
       cut_height = round(height * math.sqrt(1 - weight))
       cut_width = round(width * math.sqrt(1 - weight))
       centre_y, centre_x = rng.integers(height), rng.integers(width)
-      top, bottom = np.clip([centre_y - cut_height // 2, centre_y + (cut_height + 1) // 2], 0, height)
+      top, bottom = np.clip(
+        [centre_y - cut_height // 2, centre_y + (cut_height + 1) // 2], 0, height
+      )
       left, right = np.clip([centre_x - cut_width // 2, centre_x + (cut_width + 1) // 2], 0, width)
       images[:, top:bottom, left:right] = images[::-1, top:bottom, left:right]
       weight = np.float32(1 - (bottom - top) * (right - left) / (height * width))
-    return {'image': images, 'labels': weight * labels + (1 - weight) * labels[::-1]}
+    return {"image": images, "labels": weight * labels + (1 - weight) * labels[::-1]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,30 +293,33 @@ class EvalExamplePreprocess:
   resampling) read from the element's `segmentation_key` when one is given:
   a uint8[H, W] array or encoded single-channel PNG bytes.
   """
+
   image_size: int
   resize_ratio: float = 1.0
   segmentation_key: str | None = None
 
   def __call__(self, element: dict) -> dict[str, np.ndarray]:
-    image = open_image(element['image'])
+    image = open_image(element["image"])
     box = central_crop_box(*image.size, self.resize_ratio)
     example = {
-        'image': np.asarray(crop_and_resize(image, box, self.image_size)),
-        'label': np.int32(element['label']),
-        'mask': np.float32(1),
+      "image": np.asarray(crop_and_resize(image, box, self.image_size)),
+      "label": np.int32(element["label"]),
+      "mask": np.float32(1),
     }
     if self.segmentation_key:
       segmentation = open_image(element[self.segmentation_key])
-      example['segmentation'] = np.asarray(segmentation.resize(
-          (self.image_size,) * 2, Image.Resampling.NEAREST, box=box))
+      example["segmentation"] = np.asarray(
+        segmentation.resize((self.image_size,) * 2, Image.Resampling.NEAREST, box=box)
+      )
     return example
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalBatchPreprocess:
   """Normalises the images of a batch of `EvalExamplePreprocess` outputs."""
+
   mean: tuple[float, ...] = IMAGENET_MEAN
   std: tuple[float, ...] = IMAGENET_STD
 
   def __call__(self, batch: dict) -> dict[str, np.ndarray]:
-    return {**batch, 'image': normalize(batch['image'], self.mean, self.std)}
+    return {**batch, "image": normalize(batch["image"], self.mean, self.std)}

@@ -38,8 +38,16 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 SHAPE_NAMES = (
-    'disk', 'ring', 'ellipse', 'crescent', 'heart',
-    'triangle', 'square', 'star', 'cross', 'arrow',
+  "disk",
+  "ring",
+  "ellipse",
+  "crescent",
+  "heart",
+  "triangle",
+  "square",
+  "star",
+  "cross",
+  "arrow",
 )
 
 _Coverage = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -57,6 +65,7 @@ def _regular_polygon(num_vertices: int, radii=(1.0,)) -> np.ndarray:
 
 def _polygon(vertices: np.ndarray) -> _Coverage:
   """Even-odd (crossing number) point-in-polygon test, vectorised over points."""
+
   def inside(u, v):
     result = np.zeros(u.shape, bool)
     for (u0, v0), (u1, v1) in zip(vertices, np.roll(vertices, -1, axis=0)):
@@ -65,32 +74,56 @@ def _polygon(vertices: np.ndarray) -> _Coverage:
       crosses = (v0 > v) != (v1 > v)
       result ^= crosses & (u < u0 + (u1 - u0) * (v - v0) / (v1 - v0))
     return result
+
   return inside
 
 
 def _heart(u, v):
   x, y = 1.15 * u, 0.2 - 1.15 * v
-  return (x * x + y * y - 1) ** 3 - x * x * y ** 3 <= 0
+  return (x * x + y * y - 1) ** 3 - x * x * y**3 <= 0
 
 
 # Inside tests in the object frame, where the shape's circumradius is ~1.
 _SHAPES: dict[str, _Coverage] = {
-    'disk': lambda u, v: u * u + v * v <= 1,
-    'ring': lambda u, v: (u * u + v * v <= 1) & (u * u + v * v >= 0.55 ** 2),
-    'ellipse': lambda u, v: u * u + (v / 0.5) ** 2 <= 1,
-    'crescent': lambda u, v: (u * u + v * v <= 1) & ((u - 0.45) ** 2 + v * v > 0.8 ** 2),
-    'heart': _heart,
-    'triangle': _polygon(_regular_polygon(3)),
-    'square': _polygon(np.array([(1, 1), (-1, 1), (-1, -1), (1, -1)]) / np.sqrt(2)),
-    'star': _polygon(_regular_polygon(10, radii=(1.0, 0.5))),
-    'cross': _polygon(np.array([
-        (0.3, 1), (0.3, 0.3), (1, 0.3), (1, -0.3), (0.3, -0.3), (0.3, -1),
-        (-0.3, -1), (-0.3, -0.3), (-1, -0.3), (-1, 0.3), (-0.3, 0.3), (-0.3, 1),
-    ])),
-    'arrow': _polygon(np.array([
-        (-1, 0.2), (0.1, 0.2), (0.1, 0.55), (1, 0), (0.1, -0.55), (0.1, -0.2),
+  "disk": lambda u, v: u * u + v * v <= 1,
+  "ring": lambda u, v: (u * u + v * v <= 1) & (u * u + v * v >= 0.55**2),
+  "ellipse": lambda u, v: u * u + (v / 0.5) ** 2 <= 1,
+  "crescent": lambda u, v: (u * u + v * v <= 1) & ((u - 0.45) ** 2 + v * v > 0.8**2),
+  "heart": _heart,
+  "triangle": _polygon(_regular_polygon(3)),
+  "square": _polygon(np.array([(1, 1), (-1, 1), (-1, -1), (1, -1)]) / np.sqrt(2)),
+  "star": _polygon(_regular_polygon(10, radii=(1.0, 0.5))),
+  "cross": _polygon(
+    np.array(
+      [
+        (0.3, 1),
+        (0.3, 0.3),
+        (1, 0.3),
+        (1, -0.3),
+        (0.3, -0.3),
+        (0.3, -1),
+        (-0.3, -1),
+        (-0.3, -0.3),
+        (-1, -0.3),
+        (-1, 0.3),
+        (-0.3, 0.3),
+        (-0.3, 1),
+      ]
+    )
+  ),
+  "arrow": _polygon(
+    np.array(
+      [
+        (-1, 0.2),
+        (0.1, 0.2),
+        (0.1, 0.55),
+        (1, 0),
+        (0.1, -0.55),
+        (0.1, -0.2),
         (-1, -0.2),
-    ])),
+      ]
+    )
+  ),
 }
 assert tuple(_SHAPES) == SHAPE_NAMES
 
@@ -116,7 +149,7 @@ def _background(rng: np.random.Generator, n: int, size: int, num_scribbles: int)
   # Low-frequency colour noise: a random 5x5 grid, bilinearly upsampled.
   upsample = _bilinear_matrix(size, 5).astype(np.float32)
   knots = _uniform(rng, -0.25, 0.25, n, 5, 5, 3)
-  image += np.einsum('yi,nijc,xj->nyxc', upsample, knots, upsample, optimize=True)
+  image += np.einsum("yi,nijc,xj->nyxc", upsample, knots, upsample, optimize=True)
   # Stripes of random colour, frequency, orientation and phase.
   angle = _uniform(rng, 0, np.pi, n, 1, 1)
   cycles = _uniform(rng, 2, 6, n, 1, 1)
@@ -129,8 +162,7 @@ def _background(rng: np.random.Generator, n: int, size: int, num_scribbles: int)
   for _ in range(num_scribbles):
     p0, p1 = _uniform(rng, 0, 1, n, 2, 1, 1), _uniform(rng, 0, 1, n, 2, 1, 1)
     d = p1 - p0
-    along = ((x - p0[:, 0]) * d[:, 0] + (y - p0[:, 1]) * d[:, 1]) / (
-        (d * d).sum(1) + 1e-6)
+    along = ((x - p0[:, 0]) * d[:, 0] + (y - p0[:, 1]) * d[:, 1]) / ((d * d).sum(1) + 1e-6)
     along = np.clip(along, 0, 1)
     distance = np.hypot(x - p0[:, 0] - along * d[:, 0], y - p0[:, 1] - along * d[:, 1])
     width = _uniform(rng, 0.5, 1.5, n, 1, 1) / size + 0.01
@@ -140,8 +172,14 @@ def _background(rng: np.random.Generator, n: int, size: int, num_scribbles: int)
   return np.clip(image, 0, 1)
 
 
-def render(labels: np.ndarray, image_size: int, rng: np.random.Generator, *,
-           max_rotation_degrees: float = 15.0, num_scribbles: int = 4):
+def render(
+  labels: np.ndarray,
+  image_size: int,
+  rng: np.random.Generator,
+  *,
+  max_rotation_degrees: float = 15.0,
+  num_scribbles: int = 4,
+):
   """Draws one object of class `labels[i]` per image over a cluttered background.
 
   Args:
@@ -170,7 +208,7 @@ def render(labels: np.ndarray, image_size: int, rng: np.random.Generator, *,
     selected = labels == label
     inside[selected] = _SHAPES[shape_name](u[selected], v[selected])
   hits = inside.reshape(n, size, supersample, size, supersample).sum((2, 4), dtype=np.uint8)
-  coverage = hits[..., None].astype(np.float32) / supersample ** 2
+  coverage = hits[..., None].astype(np.float32) / supersample**2
 
   background = _background(rng, n, size, num_scribbles)
   # The object colour must stand out from the background it covers.
@@ -197,6 +235,7 @@ class CrateShapesConfig(tfds.core.BuilderConfig):
     num_scribbles: line segments in each background (the hardest clutter).
     seed: the data are a deterministic function of the seed and the fields above.
   """
+
   image_size: int = 32
   train_size: int = 20_000
   test_size: int = 2_000
@@ -208,12 +247,12 @@ class CrateShapesConfig(tfds.core.BuilderConfig):
 class CrateShapes(tfds.core.GeneratorBasedBuilder):
   """Synthetic shapes on cluttered backgrounds, with foreground masks."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = [
-      CrateShapesConfig(name='32', image_size=32),
-      CrateShapesConfig(name='64', image_size=64),
-      CrateShapesConfig(name='224', image_size=224, train_size=5_000, test_size=1_000),
+    CrateShapesConfig(name="32", image_size=32),
+    CrateShapesConfig(name="64", image_size=64),
+    CrateShapesConfig(name="224", image_size=224, train_size=5_000, test_size=1_000),
   ]
   # Pixels rendered at once (small images count as 128 x 128): bounds memory.
   _CHUNK_PIXELS = 1 << 22
@@ -221,45 +260,51 @@ class CrateShapes(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     size = self.builder_config.image_size
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Tensor(
-                shape=(size, size, 3), dtype=np.uint8, encoding='bytes'),
-            'segmentation': tfds.features.Tensor(
-                shape=(size, size), dtype=np.uint8, encoding='bytes'),
-            'label': tfds.features.ClassLabel(names=SHAPE_NAMES),
-        }),
-        supervised_keys=('image', 'label'),
+      builder=self,
+      description=__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Tensor(shape=(size, size, 3), dtype=np.uint8, encoding="bytes"),
+          "segmentation": tfds.features.Tensor(
+            shape=(size, size), dtype=np.uint8, encoding="bytes"
+          ),
+          "label": tfds.features.ClassLabel(names=SHAPE_NAMES),
+        }
+      ),
+      supervised_keys=("image", "label"),
     )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download.
     config = self.builder_config
     return {
-        'train': self._generate_examples(config.train_size, split_id=0),
-        'test': self._generate_examples(config.test_size, split_id=1),
+      "train": self._generate_examples(config.train_size, split_id=0),
+      "test": self._generate_examples(config.test_size, split_id=1),
     }
 
   def _generate_examples(self, num_examples: int, split_id: int):
     config = self.builder_config
     labels = np.random.default_rng([config.seed, split_id]).permutation(
-        np.arange(num_examples) % len(SHAPE_NAMES))
+      np.arange(num_examples) % len(SHAPE_NAMES)
+    )
     chunk = max(1, self._CHUNK_PIXELS // (max(config.image_size, 128) ** 2))
 
     def render_chunk(start):
       rng = np.random.default_rng([config.seed, split_id, start])
-      return start, render(labels[start:start + chunk], config.image_size, rng,
-                           max_rotation_degrees=config.max_rotation_degrees,
-                           num_scribbles=config.num_scribbles)
+      return start, render(
+        labels[start : start + chunk],
+        config.image_size,
+        rng,
+        max_rotation_degrees=config.max_rotation_degrees,
+        num_scribbles=config.num_scribbles,
+      )
 
     # NumPy releases the GIL, so threads render ahead while tfds serialises.
     starts = range(0, num_examples, chunk)
     for start, (images, masks) in _ordered_thread_map(render_chunk, starts):
       for offset, (image, mask) in enumerate(zip(images, masks)):
         index = start + offset
-        yield index, {
-            'image': image, 'segmentation': mask, 'label': labels[index]}
+        yield index, {"image": image, "segmentation": mask, "label": labels[index]}
 
 
 def _ordered_thread_map(fn, items, num_threads: int = os.cpu_count() or 1):
@@ -278,7 +323,7 @@ def _ordered_thread_map(fn, items, num_threads: int = os.cpu_count() or 1):
 def _exclusive_lock(data_dir: epath.Path):
   """Holds an advisory lock on `data_dir` across processes (local disks only)."""
   data_dir.mkdir(parents=True, exist_ok=True)
-  with open(data_dir / '.crate_shapes.lock', 'a') as lock_file:
+  with open(data_dir / ".crate_shapes.lock", "a") as lock_file:
     fcntl.flock(lock_file, fcntl.LOCK_EX)
     try:
       yield
@@ -311,11 +356,11 @@ def build(config: CrateShapesConfig, data_dir: str | os.PathLike | None = None) 
   builder = CrateShapes(config=config, data_dir=os.fspath(data_dir))
   if not builder.is_prepared():
     with _exclusive_lock(data_dir):
-      builder.download_and_prepare(file_format='array_record')
+      builder.download_and_prepare(file_format="array_record")
   return builder
 
 
-def prepare(name: str = 'crate_shapes/32', data_dir: str | os.PathLike | None = None) -> None:
+def prepare(name: str = "crate_shapes/32", data_dir: str | os.PathLike | None = None) -> None:
   """Builds the registered `crate_shapes` config `name` unless already built.
 
   Cheap when the data exist. Concurrency as in `build`.
@@ -324,12 +369,13 @@ def prepare(name: str = 'crate_shapes/32', data_dir: str | os.PathLike | None = 
     name: 'crate_shapes' or 'crate_shapes/<config>' with a registered config.
     data_dir: tfds data directory; None is the tfds default.
   """
-  dataset, _, config_name = name.partition('/')
-  if dataset != 'crate_shapes':
-    raise ValueError(f'Not a crate_shapes dataset: {name!r}.')
+  dataset, _, config_name = name.partition("/")
+  if dataset != "crate_shapes":
+    raise ValueError(f"Not a crate_shapes dataset: {name!r}.")
   configs = {config.name: config for config in CrateShapes.BUILDER_CONFIGS}
   if config_name and config_name not in configs:
     raise ValueError(
-        f'Unknown config {name!r}; registered: {sorted(configs)}. Build other '
-        'configs with crate_jax.data.shapes.build(CrateShapesConfig(...)).')
+      f"Unknown config {name!r}; registered: {sorted(configs)}. Build other "
+      "configs with crate_jax.data.shapes.build(CrateShapesConfig(...))."
+    )
   build(configs[config_name or CrateShapes.BUILDER_CONFIGS[0].name], data_dir)

@@ -6,6 +6,7 @@ Each module `crate_jax.evaluators.<name>` defines an `Evaluator` class whose
   classification   `run(params, batches)`: top1, top5, loss, num_examples.
   rate_reduction   `run(params, step=None)`: the layer-wise rate-reduction measurements.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -10,11 +10,15 @@ or label holds). With `n = sum(mask)` real examples over the whole set:
 Per-batch sums are computed on device (float32, exact for counts below 2^24 per batch) and
 added up exactly on the host (`math.fsum`), so the averages are exact over real examples.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Mapping
 import functools
 import math
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -39,21 +43,24 @@ def eval_sums(model: nn.Module, params: Any, batch: Mapping[str, Array]) -> dict
   def masked_sum(x):  # `where`, not a product: padding rows may hold NaNs.
     return jnp.sum(jnp.where(real, x, 0.0), dtype=jnp.float32)
 
-  return {"correct_top1": masked_sum(hits[:, 0]),
-          "correct_top5": masked_sum(jnp.any(hits, axis=-1)),
-          "loss": masked_sum(loss),
-          "num_examples": masked_sum(jnp.ones_like(loss))}
+  return {
+    "correct_top1": masked_sum(hits[:, 0]),
+    "correct_top5": masked_sum(jnp.any(hits, axis=-1)),
+    "loss": masked_sum(loss),
+    "num_examples": masked_sum(jnp.ones_like(loss)),
+  }
 
 
 class ClassificationEvaluator:
   """Exact top-1, top-5 and mean cross-entropy over an iterable of padded batches.
 
-    evaluator = ClassificationEvaluator(model)
-    metrics = evaluator.run(params, eval_batches)  # {"top1", "top5", "loss", "num_examples"}
+  evaluator = ClassificationEvaluator(model)
+  metrics = evaluator.run(params, eval_batches)  # {"top1", "top5", "loss", "num_examples"}
   """
 
-  def __init__(self, model: nn.Module, *,
-               jit: Callable[[Callable[..., Any]], Callable[..., Any]] = jax.jit):
+  def __init__(
+    self, model: nn.Module, *, jit: Callable[[Callable[..., Any]], Callable[..., Any]] = jax.jit
+  ):
     """Builds the evaluator.
 
     Args:
@@ -72,8 +79,12 @@ class ClassificationEvaluator:
     n = total("num_examples")
     if not n:
       raise ValueError("The evaluation batches hold no real examples (all masks are 0).")
-    return {"top1": total("correct_top1") / n, "top5": total("correct_top5") / n,
-            "loss": total("loss") / n, "num_examples": int(n)}
+    return {
+      "top1": total("correct_top1") / n,
+      "top5": total("correct_top5") / n,
+      "loss": total("loss") / n,
+      "num_examples": int(n),
+    }
 
 
 Evaluator = ClassificationEvaluator

@@ -28,12 +28,18 @@ is close to 1 and does not measure the codes' sparsity.
 with a chart per quantity and layer, and `write_tensorboard_layout` adds a Custom Scalars
 chart per quantity with one line per layer. `plot_layerwise` draws the papers' figures.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
 import functools
 import os
 import re
-from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Sequence
+from typing import TYPE_CHECKING
+from typing import Any
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -50,27 +56,33 @@ from tensorboard.plugins.custom_scalar import metadata as custom_scalar_metadata
 from crate_jax import ops
 
 if TYPE_CHECKING:
-  from clu import metric_writers
+  from crate_jax import writers
 
 Array = jax.Array
 
-QUANTITIES = ("compression_published", "compression", "expansion", "sparse_rate_reduction",
-              "nonzero_fraction")
+QUANTITIES = (
+  "compression_published",
+  "compression",
+  "expansion",
+  "sparse_rate_reduction",
+  "nonzero_fraction",
+)
 PAPER_QUANTITIES = ("compression_published", "nonzero_fraction")  # The papers' figures.
 PREFIX = "rate_reduction"
 PUBLISHED_EPS_SQ = 0.01
 
 _AXIS_LABELS = {
-    "compression_published": r"compression term $R^c$ (published)",
-    "compression": r"$R^c_\epsilon(\mathrm{LN}(Z^\ell) \mid U_\ell)$",
-    "expansion": r"$R_\epsilon(Z^{\ell+1})$",
-    "sparse_rate_reduction": r"$R - R^c - \lambda \|Z^{\ell+1}\|_1$",
-    "nonzero_fraction": r"non-zero fraction of $Z^{\ell+1}$",
+  "compression_published": r"compression term $R^c$ (published)",
+  "compression": r"$R^c_\epsilon(\mathrm{LN}(Z^\ell) \mid U_\ell)$",
+  "expansion": r"$R_\epsilon(Z^{\ell+1})$",
+  "sparse_rate_reduction": r"$R - R^c - \lambda \|Z^{\ell+1}\|_1$",
+  "nonzero_fraction": r"non-zero fraction of $Z^{\ell+1}$",
 }
 
 
 class LayerStats(NamedTuple):
   """Mean and standard deviation over images of one quantity, per layer (shape `(L,)`)."""
+
   mean: np.ndarray
   std: np.ndarray
 
@@ -88,8 +100,9 @@ def subspaces(params: Mapping[str, Any]) -> Array:
   return jnp.stack([encoder[f"layer_{i}"]["mssa"]["proj"] for i in range(depth)])
 
 
-def layerwise_rate_reduction(intermediates: Mapping[str, Array], subspace_bases: Array, *,
-                             eps: float = 0.5, lam: float = 0.1) -> dict[str, Array]:
+def layerwise_rate_reduction(
+  intermediates: Mapping[str, Array], subspace_bases: Array, *, eps: float = 0.5, lam: float = 0.1
+) -> dict[str, Array]:
   """Every quantity of the module doc, per layer and image.
 
   Args:
@@ -105,16 +118,19 @@ def layerwise_rate_reduction(intermediates: Mapping[str, Array], subspace_bases:
   head_proj, z_next = intermediates["head_proj"], intermediates["z_full"]
   n, _, p = head_proj.shape[-3:]
   compression_of_output = jax.vmap(ops.compression_rate, in_axes=(0, 0, None))(
-      z_next, subspace_bases, eps)
+    z_next, subspace_bases, eps
+  )
   expansion = ops.coding_rate(z_next, eps)
   return {
-      "compression_published": ops.published_compression_measure(head_proj, PUBLISHED_EPS_SQ),
-      # R^c(LN1(Z^l) | U_l) from W = LN1(Z^l) U_l, as `ops.compression_rate` computes it.
-      "compression": 0.5 * jnp.sum(ops.logdet_identity_plus_gram(
-          jnp.moveaxis(head_proj, -2, -3), p / (n * eps**2)), axis=-1),
-      "expansion": expansion,
-      "sparse_rate_reduction": expansion - compression_of_output - lam * ops.l1_norm(z_next),
-      "nonzero_fraction": ops.nonzero_fraction(z_next, batch_dims=2),
+    "compression_published": ops.published_compression_measure(head_proj, PUBLISHED_EPS_SQ),
+    # R^c(LN1(Z^l) | U_l) from W = LN1(Z^l) U_l, as `ops.compression_rate` computes it.
+    "compression": 0.5
+    * jnp.sum(
+      ops.logdet_identity_plus_gram(jnp.moveaxis(head_proj, -2, -3), p / (n * eps**2)), axis=-1
+    ),
+    "expansion": expansion,
+    "sparse_rate_reduction": expansion - compression_of_output - lam * ops.l1_norm(z_next),
+    "nonzero_fraction": ops.nonzero_fraction(z_next, batch_dims=2),
   }
 
 
@@ -142,8 +158,9 @@ def flat_scalars(stats: Mapping[str, LayerStats], prefix: str = PREFIX) -> dict[
   return scalars
 
 
-def _per_image(model: nn.Module, eps: float, lam: float, params: Any,
-               images: Array) -> dict[str, Array]:
+def _per_image(
+  model: nn.Module, eps: float, lam: float, params: Any, images: Array
+) -> dict[str, Array]:
   _, out = model.apply({"params": params}, images, return_intermediates=True)
   return layerwise_rate_reduction(out["intermediates"], subspaces(params), eps=eps, lam=lam)
 
@@ -161,9 +178,17 @@ class RateReductionEvaluator:
     history: `{step: {quantity: LayerStats}}` of the `run` calls given a step.
   """
 
-  def __init__(self, model: nn.Module, images: Any, *, eps: float = 0.5,
-               lam: float | None = None, batch_size: int | None = None, prefix: str = PREFIX,
-               jit: Callable[[Callable[..., Any]], Callable[..., Any]] = jax.jit):
+  def __init__(
+    self,
+    model: nn.Module,
+    images: Any,
+    *,
+    eps: float = 0.5,
+    lam: float | None = None,
+    batch_size: int | None = None,
+    prefix: str = PREFIX,
+    jit: Callable[[Callable[..., Any]], Callable[..., Any]] = jax.jit,
+  ):
     """Builds the evaluator.
 
     Args:
@@ -187,11 +212,12 @@ class RateReductionEvaluator:
     """`{quantity: LayerStats}` over all the images."""
     chunks = []
     for start in range(0, len(self._images), self._batch_size):
-      per_image = self._measure(params, self._images[start:start + self._batch_size])
+      per_image = self._measure(params, self._images[start : start + self._batch_size])
       # Gathered in full on every process, however the jitted function shards its outputs.
       chunks.append(multihost_utils.process_allgather(per_image, tiled=True))
-    return layer_statistics({name: np.concatenate([c[name] for c in chunks], axis=1)
-                             for name in chunks[0]})
+    return layer_statistics(
+      {name: np.concatenate([c[name] for c in chunks], axis=1) for name in chunks[0]}
+    )
 
   def run(self, params: Any, *, step: int | None = None) -> dict[str, float]:
     """Flat scalars (see `flat_scalars`); with `step`, also records the statistics in `history`."""
@@ -200,17 +226,26 @@ class RateReductionEvaluator:
       self.history[step] = stats
     return flat_scalars(stats, self._prefix)
 
-  def plot(self, path: str | os.PathLike[str] | None = None, *, title: str = "",
-           quantities: Sequence[str] = PAPER_QUANTITIES) -> np.ndarray:
+  def plot(
+    self,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    title: str = "",
+    quantities: Sequence[str] = PAPER_QUANTITIES,
+  ) -> np.ndarray:
     """`plot_layerwise` of `history`, one curve per recorded step."""
     curves = {f"step {step}": stats for step, stats in sorted(self.history.items())}
     return plot_layerwise(curves, path, title=title, quantities=quantities)
 
 
-def plot_layerwise(curves: Mapping[str, Mapping[str, LayerStats]],
-                   path: str | os.PathLike[str] | None = None, *, title: str = "",
-                   quantities: Sequence[str] = PAPER_QUANTITIES,
-                   dpi: int = 100) -> np.ndarray:
+def plot_layerwise(
+  curves: Mapping[str, Mapping[str, LayerStats]],
+  path: str | os.PathLike[str] | None = None,
+  *,
+  title: str = "",
+  quantities: Sequence[str] = PAPER_QUANTITIES,
+  dpi: int = 100,
+) -> np.ndarray:
   """Plots quantities against the layer index, as in the CRATE papers' figures.
 
   One panel per quantity; every curve (e.g. one per training step) is its per-layer mean with
@@ -233,8 +268,16 @@ def plot_layerwise(curves: Mapping[str, Mapping[str, LayerStats]],
   for ax, quantity in zip(axes, quantities):
     for color, (label, stats) in zip(colors, curves.items()):
       mean, std = stats[quantity]
-      ax.errorbar(np.arange(1, len(mean) + 1), mean, yerr=std, label=label, color=color,
-                  marker="o", markersize=4, capsize=3)
+      ax.errorbar(
+        np.arange(1, len(mean) + 1),
+        mean,
+        yerr=std,
+        label=label,
+        color=color,
+        marker="o",
+        markersize=4,
+        capsize=3,
+      )
     ax.set_xlabel("layer index")
     ax.set_ylabel(_AXIS_LABELS.get(quantity, quantity))
     ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
@@ -249,18 +292,29 @@ def plot_layerwise(curves: Mapping[str, Mapping[str, LayerStats]],
   return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
-def write_tensorboard_layout(writer: metric_writers.MetricWriter, *, prefix: str = PREFIX,
-                             quantities: Sequence[str] = QUANTITIES) -> None:
+def write_tensorboard_layout(
+  writer: writers.MetricWriter, *, prefix: str = PREFIX, quantities: Sequence[str] = QUANTITIES
+) -> None:
   """Writes a TensorBoard Custom Scalars layout: per quantity one chart, one line per layer.
 
   Write it once per log directory; it applies to the scalars of `RateReductionEvaluator.run`.
   """
-  charts = [layout_pb2.Chart(title=quantity, multiline=layout_pb2.MultilineChartContent(
-      tag=[rf"^{re.escape(prefix)}/{quantity}/layer_\d+$"])) for quantity in quantities]
+  charts = [
+    layout_pb2.Chart(
+      title=quantity,
+      multiline=layout_pb2.MultilineChartContent(
+        tag=[rf"^{re.escape(prefix)}/{quantity}/layer_\d+$"]
+      ),
+    )
+    for quantity in quantities
+  ]
   layout = layout_pb2.Layout(category=[layout_pb2.Category(title=prefix, chart=charts)])
   tag = custom_scalar_metadata.CONFIG_SUMMARY_TAG
-  writer.write_summaries(0, {tag: np.array(layout.SerializeToString(), dtype=object)},
-                         metadata={tag: custom_scalar_metadata.create_summary_metadata()})
+  writer.write_summaries(
+    0,
+    {tag: np.array(layout.SerializeToString(), dtype=object)},
+    metadata={tag: custom_scalar_metadata.create_summary_metadata()},
+  )
 
 
 Evaluator = RateReductionEvaluator

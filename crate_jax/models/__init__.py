@@ -1,5 +1,6 @@
 """Model zoo. Each model file holds one family with a `VARIANTS` size table and a `Model`
 whose `apply(variables, images_nhwc, return_intermediates=...)` returns `(logits, out)`."""
+
 from __future__ import annotations
 
 import importlib

@@ -6,11 +6,14 @@ mesh axes through the config's rules. The names:
   batch, tokens, embed (model width), heads, head_dim, dict (dictionary columns / MLP
   hidden), patch (flattened patch pixels), classes.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
+from collections.abc import Sequence
 import dataclasses
 import re
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -43,16 +46,24 @@ def parse_variant(variant: str, table: dict[str, Size]) -> tuple[Size, tuple[int
   match = re.fullmatch(r"(\w+)/(\d+)(?:x(\d+))?", variant)
   if not match or match.group(1) not in table:
     raise ValueError(
-        f"Unknown variant {variant!r}: expected '<size>/<patch>' (or '<size>/<ph>x<pw>') "
-        f"with size in {sorted(table)}, e.g. 'B/16'.")
+      f"Unknown variant {variant!r}: expected '<size>/<patch>' (or '<size>/<ph>x<pw>') "
+      f"with size in {sorted(table)}, e.g. 'B/16'."
+    )
   size, p1, p2 = match.groups()
   return table[size], (int(p1), int(p2 or p1))
 
 
-def resolve_dims(model_name: str, table: dict[str, Size], variant: str | None, *,
-                 width: int | None = None, depth: int | None = None, heads: int | None = None,
-                 dim_head: int | None = None,
-                 patch_size: Sequence[int] | int | None = None) -> dict[str, Any]:
+def resolve_dims(
+  model_name: str,
+  table: dict[str, Size],
+  variant: str | None,
+  *,
+  width: int | None = None,
+  depth: int | None = None,
+  heads: int | None = None,
+  dim_head: int | None = None,
+  patch_size: Sequence[int] | int | None = None,
+) -> dict[str, Any]:
   """Sizes from a variant string, with explicit fields taking precedence.
 
   Returns a dict with width, depth, heads, dim_head (default width // heads) and patch_size.
@@ -60,8 +71,10 @@ def resolve_dims(model_name: str, table: dict[str, Size], variant: str | None, *
   size, patch = parse_variant(variant, table) if variant else (Size(0, 0, 0), None)
   dims = dict(width=width or size.width, depth=depth or size.depth, heads=heads or size.heads)
   if not all(dims.values()):
-    raise ValueError(f"{model_name} needs a `variant` (e.g. 'B/16') or width, depth and heads; "
-                     f"got variant={variant!r} and {dims}.")
+    raise ValueError(
+      f"{model_name} needs a `variant` (e.g. 'B/16') or width, depth and heads; "
+      f"got variant={variant!r} and {dims}."
+    )
   dims["dim_head"] = dim_head or dims["width"] // dims["heads"]
   dims["patch_size"] = pair(patch_size or patch or 16)
   return dims
@@ -71,8 +84,9 @@ def grid_size(image_size: Sequence[int], patch_size: Sequence[int]) -> tuple[int
   (h, w), (p1, p2) = pair(image_size), pair(patch_size)
   if h % p1 or w % p2:
     raise ValueError(
-        f"Image size {(h, w)} is not divisible by the patch size {(p1, p2)}: resize or crop "
-        f"the images, or pick a patch size that divides them.")
+      f"Image size {(h, w)} is not divisible by the patch size {(p1, p2)}: resize or crop "
+      f"the images, or pick a patch size that divides them."
+    )
   return h // p1, w // p2
 
 
@@ -85,8 +99,9 @@ def patchify(images: Array, patch_size: Sequence[int]) -> Array:
   return x.reshape(b, gh * gw, p1 * p2 * c)
 
 
-def resample_posemb(posemb: Array, old_grid: Sequence[int], new_grid: Sequence[int],
-                    num_prefix_tokens: int = 1) -> Array:
+def resample_posemb(
+  posemb: Array, old_grid: Sequence[int], new_grid: Sequence[int], num_prefix_tokens: int = 1
+) -> Array:
   """Resamples a `(1, prefix + h*w, d)` position embedding to another grid, bicubically.
 
   The prefix (CLS) rows are kept as they are. Used to fine-tune or inspect a model at
@@ -95,8 +110,9 @@ def resample_posemb(posemb: Array, old_grid: Sequence[int], new_grid: Sequence[i
   old_grid, new_grid = pair(old_grid), pair(new_grid)
   if posemb.shape[1] != num_prefix_tokens + old_grid[0] * old_grid[1]:
     raise ValueError(
-        f"Position embedding of shape {posemb.shape} does not hold {num_prefix_tokens} prefix "
-        f"tokens plus a {old_grid} grid.")
+      f"Position embedding of shape {posemb.shape} does not hold {num_prefix_tokens} prefix "
+      f"tokens plus a {old_grid} grid."
+    )
   if old_grid == new_grid:
     return posemb
   prefix, grid = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
@@ -107,9 +123,16 @@ def resample_posemb(posemb: Array, old_grid: Sequence[int], new_grid: Sequence[i
   return jnp.concatenate([prefix, grid], axis=1)
 
 
-def add_cls_and_posemb(module: nn.Module, x: Array, *, image_size: Sequence[int],
-                       patch_size: Sequence[int], input_hw: Sequence[int], dtype: Dtype,
-                       init_std: float = 1.0) -> Array:
+def add_cls_and_posemb(
+  module: nn.Module,
+  x: Array,
+  *,
+  image_size: Sequence[int],
+  patch_size: Sequence[int],
+  input_hw: Sequence[int],
+  dtype: Dtype,
+  init_std: float = 1.0,
+) -> Array:
   """Prepends the learned CLS token and adds the learned position embedding.
 
   Creates `cls (1, 1, d)` and `pos_embedding (1, 1 + h*w, d)` in `module`'s scope. The
@@ -121,14 +144,18 @@ def add_cls_and_posemb(module: nn.Module, x: Array, *, image_size: Sequence[int]
   cls = module.param("cls", param_with_axes(init, (None, None, "embed")), (1, 1, width))
   x = jnp.concatenate([jnp.broadcast_to(cls.astype(dtype), (x.shape[0], 1, width)), x], axis=1)
   learned_grid = grid_size(image_size, patch_size)
-  posemb = module.param("pos_embedding", param_with_axes(init, (None, "tokens", "embed")),
-                        (1, 1 + learned_grid[0] * learned_grid[1], width))
+  posemb = module.param(
+    "pos_embedding",
+    param_with_axes(init, (None, "tokens", "embed")),
+    (1, 1 + learned_grid[0] * learned_grid[1], width),
+  )
   posemb = resample_posemb(posemb, learned_grid, grid_size(input_hw, patch_size))
   return constrain(x + posemb.astype(dtype))
 
 
 class ConvPatchEmbed(nn.Module):
   """Linear patch embedding as a strided convolution, kernel `(p1, p2, C, d)` with bias."""
+
   width: int
   patch_size: tuple[int, int]
   dtype: Dtype = jnp.float32
@@ -136,17 +163,30 @@ class ConvPatchEmbed(nn.Module):
   @nn.compact
   def __call__(self, images: Array) -> Array:
     grid_size(images.shape[1:3], self.patch_size)  # Validates divisibility.
-    x = nn.Conv(self.width, self.patch_size, strides=self.patch_size, padding="VALID",
-                dtype=self.dtype, name="conv",
-                kernel_init=param_with_axes(nn.initializers.lecun_normal(),
-                                            (None, None, None, "embed")),
-                bias_init=param_with_axes(nn.initializers.zeros, ("embed",)))(images.astype(self.dtype))
+    x = nn.Conv(
+      self.width,
+      self.patch_size,
+      strides=self.patch_size,
+      padding="VALID",
+      dtype=self.dtype,
+      name="conv",
+      kernel_init=param_with_axes(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+      bias_init=param_with_axes(nn.initializers.zeros, ("embed",)),
+    )(images.astype(self.dtype))
     return x.reshape(x.shape[0], -1, self.width)
 
 
-def classifier_head(module: nn.Module, x: Array, *, pool: str, num_classes: int, dtype: Dtype,
-                    intermediates: dict[str, Array] | None, torch_init: bool,
-                    head_norm_eps: float | None = None) -> tuple[Array, dict[str, Any]]:
+def classifier_head(
+  module: nn.Module,
+  x: Array,
+  *,
+  pool: str,
+  num_classes: int,
+  dtype: Dtype,
+  intermediates: dict[str, Array] | None,
+  torch_init: bool,
+  head_norm_eps: float | None = None,
+) -> tuple[Array, dict[str, Any]]:
   """Pools the tokens ('cls' or 'mean'), optionally normalises (`head_norm`), applies `head`.
 
   Returns the models' common `(logits, out)`: `out` holds `pre_logits` and, when given,
@@ -162,8 +202,9 @@ def classifier_head(module: nn.Module, x: Array, *, pool: str, num_classes: int,
     out["intermediates"] = intermediates
   if not num_classes:
     return pre_logits, out
-  logits = dense(num_classes, dtype, "head", ("embed", "classes"), torch_init=torch_init,
-                 fan_in=x.shape[-1])(pre_logits)
+  logits = dense(
+    num_classes, dtype, "head", ("embed", "classes"), torch_init=torch_init, fan_in=x.shape[-1]
+  )(pre_logits)
   return logits.astype(jnp.float32), out
 
 
@@ -179,7 +220,7 @@ def constrain(x: Array, axes: tuple[str | None, ...] = ACTIVATION_AXES) -> Array
 
 def torch_linear_init(fan_in: int) -> Callable[..., Array]:
   """PyTorch's default Linear init: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-  bound = fan_in ** -0.5
+  bound = fan_in**-0.5
 
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
@@ -190,13 +231,23 @@ def torch_linear_init(fan_in: int) -> Callable[..., Array]:
 def layer_norm(epsilon: float, dtype: Dtype, name: str, axis_name: str = "embed") -> nn.LayerNorm:
   """LayerNorm with logically named scale and bias (the epsilon matters: 1e-5 in CRATE)."""
   return nn.LayerNorm(
-      epsilon=epsilon, dtype=dtype, name=name,
-      scale_init=param_with_axes(nn.initializers.ones, (axis_name,)),
-      bias_init=param_with_axes(nn.initializers.zeros, (axis_name,)))
+    epsilon=epsilon,
+    dtype=dtype,
+    name=name,
+    scale_init=param_with_axes(nn.initializers.ones, (axis_name,)),
+    bias_init=param_with_axes(nn.initializers.zeros, (axis_name,)),
+  )
 
 
-def dense(features: int, dtype: Dtype, name: str, axes: tuple[str, str], use_bias: bool = True,
-          torch_init: bool = True, fan_in: int | None = None) -> nn.Dense:
+def dense(
+  features: int,
+  dtype: Dtype,
+  name: str,
+  axes: tuple[str, str],
+  use_bias: bool = True,
+  torch_init: bool = True,
+  fan_in: int | None = None,
+) -> nn.Dense:
   """Dense layer with logically named kernel `(in, out)` and bias `(out,)`.
 
   `torch_init` reproduces PyTorch's Linear default (uniform +-1/sqrt(fan_in)) for kernel and
@@ -208,16 +259,21 @@ def dense(features: int, dtype: Dtype, name: str, axes: tuple[str, str], use_bia
     kernel_init = bias_init = torch_linear_init(fan_in)
   else:
     kernel_init, bias_init = nn.initializers.xavier_uniform(), nn.initializers.zeros
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name,
-                  kernel_init=param_with_axes(kernel_init, axes),
-                  bias_init=param_with_axes(bias_init, axes[1:]))
+  return nn.Dense(
+    features,
+    use_bias=use_bias,
+    dtype=dtype,
+    name=name,
+    kernel_init=param_with_axes(kernel_init, axes),
+    bias_init=param_with_axes(bias_init, axes[1:]),
+  )
 
 
 REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "none": None,
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.checkpoint_dots,
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -231,6 +287,7 @@ class LayerStack(nn.Module):
   Unrolled, layer i's parameters live under `layer_{i}`; scanned, under `layers` with a
   leading `depth` axis (see `stack_layer_params` / `unstack_layer_params`).
   """
+
   layer: Callable[..., nn.Module]
   depth: int
   scan: bool = False
@@ -240,17 +297,18 @@ class LayerStack(nn.Module):
   def __call__(self, x: Array, collect: bool = False) -> tuple[Array, dict[str, Array]]:
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(
-          f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {self.remat_policy!r}.")
+        f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {self.remat_policy!r}."
+      )
     layer_cls = self.layer
     if self.remat_policy != "none":
       layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[self.remat_policy])
     if self.scan:
       scanned = nn.scan(
-          layer_cls,
-          variable_axes={"params": 0},
-          split_rngs={"params": True, "dropout": True},
-          length=self.depth,
-          metadata_params={nn.PARTITION_NAME: "layers"},
+        layer_cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        length=self.depth,
+        metadata_params={nn.PARTITION_NAME: "layers"},
       )
       return scanned(collect=collect, name="layers")(x)
     outputs = []

@@ -16,10 +16,12 @@ Parameters are named as below; `crate_jax.convert` maps the published PyTorch na
 `(logits, out)` with `out["intermediates"]` holding, stacked over layers: `z_half`,
 `z_full` (B, N+1, d), `head_proj` (B, N+1, K, p) and `attn` (B, K, N+1, N+1).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 import functools
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -32,17 +34,18 @@ Array = jax.Array
 
 # name -> (width d, depth, heads K); head width p = d / K unless overridden.
 VARIANTS = {
-    "T": common.Size(width=384, depth=12, heads=6),
-    "S": common.Size(width=576, depth=12, heads=12),
-    "B": common.Size(width=768, depth=12, heads=12),
-    "L": common.Size(width=1024, depth=24, heads=16),
-    # The segmentation demos' patch-8 "base demo" model: 6 heads of 128.
-    "Bdemo": common.Size(width=768, depth=12, heads=6),
+  "T": common.Size(width=384, depth=12, heads=6),
+  "S": common.Size(width=576, depth=12, heads=12),
+  "B": common.Size(width=768, depth=12, heads=12),
+  "L": common.Size(width=1024, depth=24, heads=16),
+  # The segmentation demos' patch-8 "base demo" model: 6 heads of 128.
+  "Bdemo": common.Size(width=768, depth=12, heads=6),
 }
 
 
 class MSSA(nn.Module):
   """Multi-head subspace self-attention; returns `(output, head projections, attention)`."""
+
   heads: int
   dim_head: int
   form: str = "published"  # 'published' (untied, scaled) | 'paper' (tied to U, unscaled).
@@ -54,24 +57,35 @@ class MSSA(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> tuple[Array, Array, Array]:
     d = x.shape[-1]
-    u = self.param("proj", common.param_with_axes(
-        common.torch_linear_init(d), ("embed", "heads", "head_dim")), (d, self.heads, self.dim_head))
+    u = self.param(
+      "proj",
+      common.param_with_axes(common.torch_linear_init(d), ("embed", "heads", "head_dim")),
+      (d, self.heads, self.dim_head),
+    )
     u = u.astype(self.dtype)
     if self.form == "paper":
       return ops.mssa_paper_step(x, u, self.kappa, self.eps)
     if self.form != "published":
       raise ValueError(f"mssa form must be 'published' or 'paper', got {self.form!r}.")
     inner = self.heads * self.dim_head
-    out = self.param("out", common.param_with_axes(
-        common.torch_linear_init(inner), ("heads", "head_dim", "embed")), (self.heads, self.dim_head, d))
-    bias = (self.param("out_bias", common.param_with_axes(
-        common.torch_linear_init(inner), ("embed",)), (d,)).astype(self.dtype)
-            if self.use_out_bias else None)
+    out = self.param(
+      "out",
+      common.param_with_axes(common.torch_linear_init(inner), ("heads", "head_dim", "embed")),
+      (self.heads, self.dim_head, d),
+    )
+    bias = (
+      self.param(
+        "out_bias", common.param_with_axes(common.torch_linear_init(inner), ("embed",)), (d,)
+      ).astype(self.dtype)
+      if self.use_out_bias
+      else None
+    )
     return ops.mssa_published(x, u, out.astype(self.dtype), bias)
 
 
 class ISTA(nn.Module):
   """CRATE's sparse-coding step, one non-negative ISTA step from `a = x` (no residual)."""
+
   eta: float = 0.1
   lam: float = 0.1
   dtype: Any = jnp.float32
@@ -80,13 +94,19 @@ class ISTA(nn.Module):
   def __call__(self, x: Array) -> Array:
     d = x.shape[-1]
     # kaiming_uniform in the published code: uniform(+-sqrt(6 / fan_in)) with fan_in = d.
-    dictionary = self.param("D", common.param_with_axes(
-        nn.initializers.variance_scaling(2.0, "fan_in", "uniform"), ("embed", "dict")), (d, d))
+    dictionary = self.param(
+      "D",
+      common.param_with_axes(
+        nn.initializers.variance_scaling(2.0, "fan_in", "uniform"), ("embed", "dict")
+      ),
+      (d, d),
+    )
     return ops.crate_ista(x, dictionary.astype(self.dtype), self.eta, self.lam)
 
 
 class PatchEmbed(nn.Module):
   """CRATE's stem: patches -> LayerNorm -> Linear(+bias) -> LayerNorm."""
+
   width: int
   patch_size: tuple[int, int]
   layer_norm_eps: float = 1e-5
@@ -102,6 +122,7 @@ class PatchEmbed(nn.Module):
 
 class Layer(nn.Module):
   """One CRATE layer: compression (MSSA) then sparsification (ISTA)."""
+
   heads: int
   dim_head: int
   eta: float = 0.1
@@ -117,12 +138,21 @@ class Layer(nn.Module):
   def __call__(self, z: Array) -> tuple[Array, dict[str, Array]]:
     norm = functools.partial(common.layer_norm, self.layer_norm_eps, self.dtype)
     h = norm("norm1")(z)
-    y, head_proj, attn = MSSA(self.heads, self.dim_head, self.mssa_form, kappa=self.kappa,
-                              eps=self.eps, dtype=self.dtype, name="mssa")(h)
+    y, head_proj, attn = MSSA(
+      self.heads,
+      self.dim_head,
+      self.mssa_form,
+      kappa=self.kappa,
+      eps=self.eps,
+      dtype=self.dtype,
+      name="mssa",
+    )(h)
     z_half = common.constrain(y if self.mssa_form == "paper" else z + y)
     z_full = ISTA(self.eta, self.lam, self.dtype, name="ista")(norm("norm2")(z_half))
     z_full = common.constrain(z_full)
-    inter = dict(z_half=z_half, z_full=z_full, head_proj=head_proj, attn=attn) if self.collect else {}
+    inter = (
+      dict(z_half=z_half, z_full=z_full, head_proj=head_proj, attn=attn) if self.collect else {}
+    )
     return z_full, inter
 
 
@@ -140,13 +170,14 @@ class Model(nn.Module):
     scan_layers / remat_policy: memory options (see `common.LayerStack`).
     dtype: compute dtype (e.g. bfloat16); parameters stay float32.
   """
+
   num_classes: int = 1000
-  variant: Optional[str] = None
-  width: Optional[int] = None
-  depth: Optional[int] = None
-  heads: Optional[int] = None
-  dim_head: Optional[int] = None
-  patch_size: Optional[Sequence[int]] = None
+  variant: str | None = None
+  width: int | None = None
+  depth: int | None = None
+  heads: int | None = None
+  dim_head: int | None = None
+  patch_size: Sequence[int] | None = None
   image_size: Sequence[int] = (224, 224)
   pool: str = "cls"
   eta: float = 0.1
@@ -161,108 +192,63 @@ class Model(nn.Module):
 
   def dims(self) -> dict[str, Any]:
     """Resolved sizes: width, depth, heads, dim_head, patch_size."""
-    return common.resolve_dims("CRATE", VARIANTS, self.variant, width=self.width, depth=self.depth,
-                               heads=self.heads, dim_head=self.dim_head, patch_size=self.patch_size)
-
-  @nn.compact
-  def __call__(self, images: Array) -> Array:
-    x = common.patchify(images.astype(self.dtype), self.patch_size)
-    x = common.layer_norm(self.layer_norm_eps, self.dtype, "norm_in", axis_name="patch")(x)
-    x = common.dense(self.width, self.dtype, "dense", ("patch", "embed"), fan_in=x.shape[-1])(x)
-    return common.layer_norm(self.layer_norm_eps, self.dtype, "norm_out")(x)
-
-
-class Layer(nn.Module):
-  """One CRATE layer: compression (MSSA) then sparsification (ISTA)."""
-  heads: int
-  dim_head: int
-  eta: float = 0.1
-  lam: float = 0.1
-  mssa_form: str = "published"
-  kappa: float = 1.0
-  eps: float = 0.5
-  layer_norm_eps: float = 1e-5
-  dtype: Any = jnp.float32
-  collect: bool = False
-
-  @nn.compact
-  def __call__(self, z: Array) -> tuple[Array, dict[str, Array]]:
-    norm = functools.partial(common.layer_norm, self.layer_norm_eps, self.dtype)
-    h = norm("norm1")(z)
-    y, head_proj, attn = MSSA(self.heads, self.dim_head, self.mssa_form, kappa=self.kappa,
-                              eps=self.eps, dtype=self.dtype, name="mssa")(h)
-    z_half = common.constrain(y if self.mssa_form == "paper" else z + y)
-    z_full = ISTA(self.eta, self.lam, self.dtype, name="ista")(norm("norm2")(z_half))
-    z_full = common.constrain(z_full)
-    inter = dict(z_half=z_half, z_full=z_full, head_proj=head_proj, attn=attn) if self.collect else {}
-    return z_full, inter
-
-
-class Model(nn.Module):
-  """CRATE classifier. `variant="B/16"` sets width, depth, heads and patch size.
-
-  Attributes:
-    num_classes: classifier outputs; 0 returns the pooled features as logits.
-    variant: size and patch, e.g. "T/16", "B/8", "S/16x8". Explicit fields override it.
-    image_size: the resolution the position embedding is learned at; other input sizes
-      are served by resampling it on the fly (bicubic).
-    dim_head: head width p (default width // heads); heads * dim_head need not equal width.
-    pool: 'cls' or 'mean' (over all tokens, CLS included, as the published code).
-    mssa_form: 'published' or 'paper' (output tied to U, no scale, step size kappa).
-    scan_layers / remat_policy: memory options (see `common.LayerStack`).
-    dtype: compute dtype (e.g. bfloat16); parameters stay float32.
-  """
-  num_classes: int = 1000
-  variant: Optional[str] = None
-  width: Optional[int] = None
-  depth: Optional[int] = None
-  heads: Optional[int] = None
-  dim_head: Optional[int] = None
-  patch_size: Optional[Sequence[int]] = None
-  image_size: Sequence[int] = (224, 224)
-  pool: str = "cls"
-  eta: float = 0.1
-  lam: float = 0.1
-  mssa_form: str = "published"
-  kappa: float = 1.0
-  eps: float = 0.5
-  layer_norm_eps: float = 1e-5
-  scan_layers: bool = False
-  remat_policy: str = "none"
-  dtype: Any = jnp.float32
-
-  def dims(self) -> dict[str, Any]:
-    """Resolved sizes: width, depth, heads, dim_head, patch_size."""
-    size, patch = (common.parse_variant(self.variant, VARIANTS) if self.variant
-                   else (common.Size(0, 0, 0), None))
+    size, patch = (
+      common.parse_variant(self.variant, VARIANTS) if self.variant else (common.Size(0, 0, 0), None)
+    )
     width = self.width or size.width
     heads = self.heads or size.heads
-    dims = dict(width=width, depth=self.depth or size.depth, heads=heads,
-                patch_size=common.pair(self.patch_size or patch or 16))
+    dims = dict(
+      width=width,
+      depth=self.depth or size.depth,
+      heads=heads,
+      patch_size=common.pair(self.patch_size or patch or 16),
+    )
     if not (width and dims["depth"] and heads):
       raise ValueError("CRATE needs a `variant` (e.g. 'B/16') or width, depth and heads.")
     dims["dim_head"] = self.dim_head or width // heads
     return dims
 
   @nn.compact
-  def __call__(self, images: Array, *, train: bool = False,
-               return_intermediates: bool = False) -> tuple[Array, dict[str, Any]]:
+  def __call__(
+    self, images: Array, *, train: bool = False, return_intermediates: bool = False
+  ) -> tuple[Array, dict[str, Any]]:
     del train  # No dropout or batch statistics in CRATE.
     dims = self.dims()
     width, patch = dims["width"], dims["patch_size"]
 
     x = PatchEmbed(width, patch, self.layer_norm_eps, self.dtype, name="patch_embed")(images)
-    x = common.add_cls_and_posemb(self, x, image_size=self.image_size, patch_size=patch,
-                                  input_hw=images.shape[1:3], dtype=self.dtype)
+    x = common.add_cls_and_posemb(
+      self,
+      x,
+      image_size=self.image_size,
+      patch_size=patch,
+      input_hw=images.shape[1:3],
+      dtype=self.dtype,
+    )
 
     layer = functools.partial(
-        Layer, heads=dims["heads"], dim_head=dims["dim_head"], eta=self.eta, lam=self.lam,
-        mssa_form=self.mssa_form, kappa=self.kappa, eps=self.eps,
-        layer_norm_eps=self.layer_norm_eps, dtype=self.dtype)
-    x, intermediates = common.LayerStack(layer, dims["depth"], self.scan_layers, self.remat_policy,
-                                         name="encoder")(x, return_intermediates)
+      Layer,
+      heads=dims["heads"],
+      dim_head=dims["dim_head"],
+      eta=self.eta,
+      lam=self.lam,
+      mssa_form=self.mssa_form,
+      kappa=self.kappa,
+      eps=self.eps,
+      layer_norm_eps=self.layer_norm_eps,
+      dtype=self.dtype,
+    )
+    x, intermediates = common.LayerStack(
+      layer, dims["depth"], self.scan_layers, self.remat_policy, name="encoder"
+    )(x, return_intermediates)
 
-    return common.classifier_head(self, x, pool=self.pool, num_classes=self.num_classes,
-                                  dtype=self.dtype, torch_init=True,
-                                  intermediates=intermediates if return_intermediates else None,
-                                  head_norm_eps=self.layer_norm_eps)
+    return common.classifier_head(
+      self,
+      x,
+      pool=self.pool,
+      num_classes=self.num_classes,
+      dtype=self.dtype,
+      torch_init=True,
+      intermediates=intermediates if return_intermediates else None,
+      head_norm_eps=self.layer_norm_eps,
+    )

@@ -11,10 +11,12 @@ Parameters: patch_embed/{kernel (p1,p2,C,d), bias}, cls, pos_embedding,
 encoder/layer_{i}/{norm1, mssa/{proj, out}, norm2, odl/{D, D1}}, encoder_norm, head.
 `crate_jax.convert` maps the published Flax names (`Transformer/encoderblock_i/...`).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 import functools
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -27,16 +29,17 @@ from crate_jax.models.crate import MSSA
 Array = jax.Array
 
 VARIANTS = {
-    "Ti": common.Size(width=192, depth=12, heads=3),
-    "S": common.Size(width=576, depth=12, heads=12),
-    "B": common.Size(width=768, depth=12, heads=12),
-    "L": common.Size(width=1024, depth=24, heads=16),
-    "H": common.Size(width=1280, depth=32, heads=16),
+  "Ti": common.Size(width=192, depth=12, heads=3),
+  "S": common.Size(width=576, depth=12, heads=12),
+  "B": common.Size(width=768, depth=12, heads=12),
+  "L": common.Size(width=1024, depth=24, heads=16),
+  "H": common.Size(width=1280, depth=32, heads=16),
 }
 
 
 class ODL(nn.Module):
   """Overcomplete dictionary learning block: `num_steps` ISTA steps on D, decoded by D1."""
+
   expansion: int = 4
   eta: float = 0.1
   lam: float = 0.1
@@ -55,6 +58,7 @@ class ODL(nn.Module):
 
 class Layer(nn.Module):
   """One CRATE-alpha layer with residuals around both blocks."""
+
   heads: int
   dim_head: int
   expansion: int = 4
@@ -68,24 +72,32 @@ class Layer(nn.Module):
   @nn.compact
   def __call__(self, z: Array) -> tuple[Array, dict[str, Array]]:
     norm = functools.partial(common.layer_norm, self.layer_norm_eps, self.dtype)
-    y, head_proj, attn = MSSA(self.heads, self.dim_head, use_out_bias=False, dtype=self.dtype,
-                              name="mssa")(norm("norm1")(z))
+    y, head_proj, attn = MSSA(
+      self.heads, self.dim_head, use_out_bias=False, dtype=self.dtype, name="mssa"
+    )(norm("norm1")(z))
     z_half = common.constrain(z + y)
-    z_full = common.constrain(z_half + ODL(self.expansion, self.eta, self.lam, self.num_ista_steps,
-                                           self.dtype, name="odl")(norm("norm2")(z_half)))
-    inter = dict(z_half=z_half, z_full=z_full, head_proj=head_proj, attn=attn) if self.collect else {}
+    z_full = common.constrain(
+      z_half
+      + ODL(self.expansion, self.eta, self.lam, self.num_ista_steps, self.dtype, name="odl")(
+        norm("norm2")(z_half)
+      )
+    )
+    inter = (
+      dict(z_half=z_half, z_full=z_full, head_proj=head_proj, attn=attn) if self.collect else {}
+    )
     return z_full, inter
 
 
 class Model(nn.Module):
   """CRATE-alpha classifier; `variant="B/16"` sets the sizes (see `crate.Model` for fields)."""
+
   num_classes: int = 1000
-  variant: Optional[str] = None
-  width: Optional[int] = None
-  depth: Optional[int] = None
-  heads: Optional[int] = None
-  dim_head: Optional[int] = None
-  patch_size: Optional[Sequence[int]] = None
+  variant: str | None = None
+  width: int | None = None
+  depth: int | None = None
+  heads: int | None = None
+  dim_head: int | None = None
+  patch_size: Sequence[int] | None = None
   image_size: Sequence[int] = (224, 224)
   pool: str = "cls"
   expansion: int = 4
@@ -98,25 +110,56 @@ class Model(nn.Module):
   dtype: Any = jnp.float32
 
   def dims(self) -> dict[str, Any]:
-    return common.resolve_dims("CRATE-alpha", VARIANTS, self.variant, width=self.width,
-                               depth=self.depth, heads=self.heads, dim_head=self.dim_head,
-                               patch_size=self.patch_size)
+    return common.resolve_dims(
+      "CRATE-alpha",
+      VARIANTS,
+      self.variant,
+      width=self.width,
+      depth=self.depth,
+      heads=self.heads,
+      dim_head=self.dim_head,
+      patch_size=self.patch_size,
+    )
 
   @nn.compact
-  def __call__(self, images: Array, *, train: bool = False,
-               return_intermediates: bool = False) -> tuple[Array, dict[str, Any]]:
+  def __call__(
+    self, images: Array, *, train: bool = False, return_intermediates: bool = False
+  ) -> tuple[Array, dict[str, Any]]:
     del train
     dims = self.dims()
-    x = common.ConvPatchEmbed(dims["width"], dims["patch_size"], self.dtype, name="patch_embed")(images)
-    x = common.add_cls_and_posemb(self, x, image_size=self.image_size, patch_size=dims["patch_size"],
-                                  input_hw=images.shape[1:3], dtype=self.dtype, init_std=0.02)
+    x = common.ConvPatchEmbed(dims["width"], dims["patch_size"], self.dtype, name="patch_embed")(
+      images
+    )
+    x = common.add_cls_and_posemb(
+      self,
+      x,
+      image_size=self.image_size,
+      patch_size=dims["patch_size"],
+      input_hw=images.shape[1:3],
+      dtype=self.dtype,
+      init_std=0.02,
+    )
     layer = functools.partial(
-        Layer, heads=dims["heads"], dim_head=dims["dim_head"], expansion=self.expansion,
-        eta=self.eta, lam=self.lam, num_ista_steps=self.num_ista_steps,
-        layer_norm_eps=self.layer_norm_eps, dtype=self.dtype)
-    x, intermediates = common.LayerStack(layer, dims["depth"], self.scan_layers, self.remat_policy,
-                                         name="encoder")(x, return_intermediates)
+      Layer,
+      heads=dims["heads"],
+      dim_head=dims["dim_head"],
+      expansion=self.expansion,
+      eta=self.eta,
+      lam=self.lam,
+      num_ista_steps=self.num_ista_steps,
+      layer_norm_eps=self.layer_norm_eps,
+      dtype=self.dtype,
+    )
+    x, intermediates = common.LayerStack(
+      layer, dims["depth"], self.scan_layers, self.remat_policy, name="encoder"
+    )(x, return_intermediates)
     x = common.layer_norm(self.layer_norm_eps, self.dtype, "encoder_norm")(x)
-    return common.classifier_head(self, x, pool=self.pool, num_classes=self.num_classes,
-                                  dtype=self.dtype, torch_init=False,
-                                  intermediates=intermediates if return_intermediates else None)
+    return common.classifier_head(
+      self,
+      x,
+      pool=self.pool,
+      num_classes=self.num_classes,
+      dtype=self.dtype,
+      torch_init=False,
+      intermediates=intermediates if return_intermediates else None,
+    )

@@ -1,5 +1,5 @@
-"""The TensorFlow-free TensorBoard writer and clu without TensorFlow, read back from event files."""
-import importlib.util
+"""The TensorFlow-free metric writers and progress reports, read back from event files."""
+
 import io
 import os
 import pathlib
@@ -13,14 +13,15 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
-from crate_jax import metric_writers
+from crate_jax import writers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _read(logdir) -> event_accumulator.EventAccumulator:
   acc = event_accumulator.EventAccumulator(
-      str(logdir), size_guidance={event_accumulator.TENSORS: 0})  # 0: keep all.
+    str(logdir), size_guidance={event_accumulator.TENSORS: 0}
+  )  # 0: keep all.
   acc.Reload()
   return acc
 
@@ -29,35 +30,45 @@ def _png(tensor_event, index):
   return np.asarray(Image.open(io.BytesIO(tensor_event.tensor_proto.string_val[2 + index])))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is not None,
-                    reason="With TensorFlow installed, clu is left as it is.")
-def test_clu_imports_and_writes_without_tensorflow(tmp_path):
+def test_writers_and_progress_import_and_write_without_tensorflow(tmp_path):
   script = textwrap.dedent("""
       import sys
-      import crate_jax.metric_writers
-      from clu import metric_writers, metrics, periodic_actions
+      from absl import logging
+      from clu import metrics
+      from crate_jax import periodic, writers
       assert "tensorflow" not in sys.modules
-      assert metric_writers.SummaryWriter is crate_jax.metric_writers.TensorBoardWriter
-      writer = metric_writers.create_default_writer(sys.argv[1])  # clu's own, asynchronous.
+      logging.use_absl_handler()
+      logging.set_verbosity(logging.INFO)
+      writer = writers.create_default_writer(sys.argv[1])  # Asynchronous.
       writer.write_scalars(3, {"loss": metrics.Average.from_model_output(
           __import__("numpy").array([1.0, 2.0])).compute()})
-      report = periodic_actions.ReportProgress(num_train_steps=10, writer=writer, every_steps=5)
+      report = periodic.ReportProgress(num_train_steps=10, writer=writer, every_steps=5)
       for step in range(1, 11):
         report(step)
       writer.close()
+      assert "tensorflow" not in sys.modules
   """)
-  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-         "JAX_PLATFORMS": "cpu"}
-  result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env,
-                          capture_output=True, text=True, timeout=300)
+  env = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    "JAX_PLATFORMS": "cpu",
+  }
+  result = subprocess.run(
+    [sys.executable, "-c", script, str(tmp_path)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr
+  assert "10.0% (1/10)" not in result.stderr and "50.0% (5/10)" in result.stderr
   acc = _read(tmp_path)
   assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(3, 1.5)]
   assert [e.step for e in acc.Scalars("steps_per_sec")] == [5, 10]
 
 
 def test_writer_round_trip(tmp_path):
-  writer = metric_writers.create_default_writer(tmp_path)
+  writer = writers.create_default_writer(tmp_path)
   writer.write_scalars(1, {"train/loss": 2.5, "train/lr": np.float32(0.125)})
   writer.write_scalars(2, {"train/loss": np.array(1.25)})
   rgb = np.random.default_rng(0).integers(0, 256, size=(2, 5, 7, 3), dtype=np.uint8)
@@ -65,8 +76,15 @@ def test_writer_round_trip(tmp_path):
   writer.write_images(4, {"samples": rgb, "gray": gray})
   writer.write_texts(5, {"notes": "**CRATE**"})
   writer.write_histograms(6, {"weights": np.arange(100.0)}, num_buckets={"weights": 4})
-  writer.write_hparams({"optim": {"lr": 1e-3, "name": "lion"}, "depth": 12, "pool": None,
-                        "patch": (16, 16), "fast": True})
+  writer.write_hparams(
+    {
+      "optim": {"lr": 1e-3, "name": "lion"},
+      "depth": 12,
+      "pool": None,
+      "patch": (16, 16),
+      "fast": True,
+    }
+  )
   writer.write_summaries(7, {"raw": np.arange(6).reshape(2, 3)})
   writer.write_videos(8, {"video": np.zeros((2, 3, 4, 4, 3))})  # Skipped with a warning.
   writer.close()
@@ -90,50 +108,47 @@ def test_writer_round_trip(tmp_path):
   assert (histogram.step, buckets[0, 0], buckets[-1, 1]) == (6, 0.0, 99.0)
 
   info = hparams_metadata.parse_session_start_info_plugin_data(
-      acc.SummaryMetadata(hparams_metadata.SESSION_START_INFO_TAG).plugin_data.content)
+    acc.SummaryMetadata(hparams_metadata.SESSION_START_INFO_TAG).plugin_data.content
+  )
   hparams = {name: getattr(value, value.WhichOneof("kind")) for name, value in info.hparams.items()}
-  assert hparams == {"optim.lr": 1e-3, "optim.name": "lion", "depth": 12, "pool": "",
-                     "patch.0": 16, "patch.1": 16, "fast": True}
+  assert hparams == {
+    "optim.lr": 1e-3,
+    "optim.name": "lion",
+    "depth": 12,
+    "pool": "",
+    "patch.0": 16,
+    "patch.1": 16,
+    "fast": True,
+  }
 
   (raw,) = acc.Tensors("raw")
   assert [d.size for d in raw.tensor_proto.tensor_shape.dim] == [2, 3] and raw.step == 7
   assert "video" not in acc.Tags()["tensors"]
 
 
-def test_writer_is_a_clu_metric_writer():
-  from clu import metric_writers as clu_metric_writers  # pylint: disable=g-import-not-at-top
-  assert issubclass(metric_writers.TensorBoardWriter, clu_metric_writers.MetricWriter)
-  missing = [name for name in clu_metric_writers.MetricWriter.__abstractmethods__
-             if not hasattr(metric_writers.TensorBoardWriter, name)]
-  assert not missing
+def test_every_writer_implements_the_interface():
+  for cls in (writers.TensorBoardWriter, writers.LoggingWriter, writers.MultiWriter):
+    assert issubclass(cls, writers.MetricWriter) and not cls.__abstractmethods__
+
+
+def test_asynchronous_writes_surface_their_errors_at_flush(tmp_path):
+  writer = writers.create_default_writer(tmp_path)
+  writer.write_images(0, {"x": np.zeros((4, 4, 2), np.uint8)})  # Invalid: 2 channels.
+  with pytest.raises(ValueError, match="C in"):
+    writer.flush()
 
 
 def test_just_logging_writes_no_event_files(tmp_path):
-  writer = metric_writers.create_default_writer(tmp_path, just_logging=True, asynchronous=False)
+  writer = writers.create_default_writer(tmp_path, just_logging=True, asynchronous=False)
   writer.write_scalars(1, {"loss": 1.0})
   writer.close()
   assert not list(tmp_path.iterdir())
 
 
 def test_images_must_be_uint8_or_float(tmp_path):
-  writer = metric_writers.TensorBoardWriter(tmp_path)
+  writer = writers.TensorBoardWriter(tmp_path)
   with pytest.raises(ValueError, match="uint8 or floating"):
     writer.write_images(0, {"x": np.zeros((4, 4, 3), np.int32)})
   with pytest.raises(ValueError, match="C in"):
     writer.write_images(0, {"x": np.zeros((4, 4, 2), np.uint8)})
   writer.close()
-
-
-@pytest.mark.parametrize("tensorflow_installed", [False, True])
-def test_registration_only_without_tensorflow(monkeypatch, tensorflow_installed):
-  name = "clu.metric_writers.summary_writer"
-  monkeypatch.delitem(sys.modules, name, raising=False)
-  find_spec = importlib.util.find_spec
-  monkeypatch.setattr(importlib.util, "find_spec", lambda module, *args: (
-      (object() if tensorflow_installed else None) if module == "tensorflow"
-      else find_spec(module, *args)))
-  metric_writers._register_as_clu_summary_writer()  # pylint: disable=protected-access
-  if tensorflow_installed:
-    assert name not in sys.modules
-  else:
-    assert sys.modules[name].SummaryWriter is metric_writers.TensorBoardWriter
