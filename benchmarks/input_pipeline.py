@@ -41,8 +41,8 @@ import numpy as np
 from PIL import Image
 
 from crate_jax import data
+from crate_jax.data import crate_shapes
 from crate_jax.data import preprocess
-from crate_jax.data import shapes
 
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 300, "Synthetic JPEGs to time.")
 _NUM_BATCHES = flags.DEFINE_integer("num_batches", 40, "crate_shapes batches to time.")
@@ -149,7 +149,9 @@ def time_train_preprocess(jpegs: list[bytes], size: int = 224) -> float:
 def time_crate_shapes_pipeline(num_batches: int, batch_size: int = 256) -> float:
   """Seconds per image of the full grain pipeline on crate_shapes/32, in-process."""
   with tempfile.TemporaryDirectory() as data_dir:
-    shapes.build(shapes.CrateShapesConfig(name="bench", train_size=4000, test_size=10), data_dir)
+    crate_shapes.build(
+      crate_shapes.CrateShapesConfig(name="bench", train_size=4000, test_size=10), data_dir
+    )
     config = data.default_input_config()
     config.update(
       dataset="crate_shapes/bench", data_dir=data_dir, global_batch_size=batch_size, num_threads=0

@@ -15,18 +15,18 @@ import pytest
 import tensorflow_datasets as tfds
 
 from crate_jax import data
+from crate_jax.data import crate_shapes
 from crate_jax.data import imagenet21k
 from crate_jax.data import preprocess
-from crate_jax.data import shapes
 
 _REPO_ROOT = pathlib.Path(__file__).parents[1]
-TINY = shapes.CrateShapesConfig(name="tiny", image_size=32, train_size=300, test_size=75)
+TINY = crate_shapes.CrateShapesConfig(name="tiny", image_size=32, train_size=300, test_size=75)
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   data_dir = tmp_path_factory.mktemp("tfds")
-  shapes.build(TINY, data_dir)
+  crate_shapes.build(TINY, data_dir)
   return data_dir
 
 
@@ -55,7 +55,7 @@ def _image_keys(images):
 
 
 def test_builder_is_deterministic(tmp_path, data_dir):
-  shapes.build(TINY, tmp_path)
+  crate_shapes.build(TINY, tmp_path)
   for split in ("train", "test"):
     name = f"crate_shapes-{split}.array_record-00000-of-00001"
     path = f"crate_shapes/tiny/1.0.0/{name}"
@@ -64,8 +64,8 @@ def test_builder_is_deterministic(tmp_path, data_dir):
 
 def test_concurrent_builds_share_one_dataset(tmp_path):
   script = (
-    "import sys; from crate_jax.data import shapes; "
-    'shapes.build(shapes.CrateShapesConfig(name="t", train_size=40, test_size=10), sys.argv[1])'
+    "import sys; from crate_jax.data import crate_shapes; "
+    'crate_shapes.build(crate_shapes.CrateShapesConfig(name="t", train_size=40, test_size=10), sys.argv[1])'
   )
   builders = [
     subprocess.Popen(
@@ -84,7 +84,7 @@ def test_concurrent_builds_share_one_dataset(tmp_path):
 
 def test_masks_cover_uniformly_coloured_objects(data_dir):
   examples = _stored_examples(data_dir, "train")
-  assert {int(e["label"]) for e in examples} == set(range(len(shapes.SHAPE_NAMES)))
+  assert {int(e["label"]) for e in examples} == set(range(len(crate_shapes.SHAPE_NAMES)))
   for example in examples:
     image, mask = example["image"].astype(np.float32), example["segmentation"].astype(bool)
     assert 0.05 < mask.mean() < 0.7
@@ -102,9 +102,9 @@ def test_masks_cover_uniformly_coloured_objects(data_dir):
 
 def test_render_depends_only_on_seed():
   labels = np.arange(10)
-  first = shapes.render(labels, 32, np.random.default_rng(7))
-  again = shapes.render(labels, 32, np.random.default_rng(7))
-  other = shapes.render(labels, 32, np.random.default_rng(8))
+  first = crate_shapes.render(labels, 32, np.random.default_rng(7))
+  again = crate_shapes.render(labels, 32, np.random.default_rng(7))
+  other = crate_shapes.render(labels, 32, np.random.default_rng(8))
   np.testing.assert_array_equal(first[0], again[0])
   np.testing.assert_array_equal(first[1], again[1])
   assert not np.array_equal(first[0], other[0])
@@ -333,8 +333,8 @@ def test_missing_datasets_explain_how_to_prepare_them(tmp_path):
 
 
 def test_prepare_builds_registered_crate_shapes(tmp_path, monkeypatch):
-  monkeypatch.setattr(shapes.CrateShapes.builder_configs["32"], "train_size", 30)
-  monkeypatch.setattr(shapes.CrateShapes.builder_configs["32"], "test_size", 10)
+  monkeypatch.setattr(crate_shapes.CrateShapes.builder_configs["32"], "train_size", 30)
+  monkeypatch.setattr(crate_shapes.CrateShapes.builder_configs["32"], "test_size", 10)
   config = data.default_input_config()
   config.data_dir = str(tmp_path)
   data.prepare_dataset(config)

@@ -114,13 +114,13 @@ def _scalars(workdir, tag) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  from crate_jax.data import shapes  # pylint: disable=g-import-not-at-top
+  from crate_jax.data import crate_shapes
 
   tmp = tmp_path_factory.mktemp("multiprocess")
   data_dir = tmp / "data"
   # Built once here: the processes then only read it.
-  shapes.build(
-    shapes.CrateShapesConfig(name="mp", image_size=16, train_size=16, test_size=8), data_dir
+  crate_shapes.build(
+    crate_shapes.CrateShapesConfig(name="mp", image_size=16, train_size=16, test_size=8), data_dir
   )
   # FSDP within a process, data parallelism across the two as if over a DCN (hybrid mesh).
   two = dict(

@@ -28,18 +28,18 @@ from crate_jax import config_utils
 from crate_jax import optim
 from crate_jax import sharding
 from crate_jax import train
+from crate_jax.data import crate_shapes
 from crate_jax.data import pipeline
-from crate_jax.data import shapes
 from crate_jax.models import get_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TINY = shapes.CrateShapesConfig(name="train_tiny", image_size=16, train_size=96, test_size=70)
+TINY = crate_shapes.CrateShapesConfig(name="train_tiny", image_size=16, train_size=96, test_size=70)
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   path = tmp_path_factory.mktemp("tfds")
-  shapes.build(TINY, path)
+  crate_shapes.build(TINY, path)
   return path
 
 

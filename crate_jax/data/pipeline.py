@@ -35,8 +35,8 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
+from crate_jax.data import crate_shapes
 from crate_jax.data import preprocess
-from crate_jax.data import shapes
 
 _DOCS = "docs/data.md"
 
@@ -112,7 +112,7 @@ def _how_to_prepare(name: str, data_dir: str) -> str:
   dataset = name.partition("/")[0]
   if dataset == "crate_shapes":
     return (
-      "Build it with crate_jax.data.shapes.build(CrateShapesConfig("
+      "Build it with crate_jax.data.crate_shapes.build(CrateShapesConfig("
       f"name=..., ...), data_dir={data_dir!r})."
     )
   if dataset == "imagenet21k":
@@ -134,7 +134,7 @@ def _how_to_prepare(name: str, data_dir: str) -> str:
 def _builder(input_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   """The tfds builder of `input_config.dataset`, which must be prepared."""
   name = input_config.dataset
-  data_dir = os.fspath(shapes.resolve_data_dir(input_config.data_dir))
+  data_dir = os.fspath(crate_shapes.resolve_data_dir(input_config.data_dir))
   try:
     builder = tfds.builder(name, data_dir=data_dir)
     problem = None if builder.is_prepared() else "is not prepared"
@@ -167,8 +167,10 @@ def prepare_dataset(input_config: ml_collections.ConfigDict) -> None:
     DatasetNotPreparedError: saying how to prepare the missing dataset.
   """
   dataset, _, config = input_config.dataset.partition("/")
-  if dataset == "crate_shapes" and (not config or config in shapes.CrateShapes.builder_configs):
-    shapes.prepare(input_config.dataset, input_config.data_dir)
+  if dataset == "crate_shapes" and (
+    not config or config in crate_shapes.CrateShapes.builder_configs
+  ):
+    crate_shapes.prepare(input_config.dataset, input_config.data_dir)
   else:
     _builder(input_config)
 

@@ -376,6 +376,6 @@ def prepare(name: str = "crate_shapes/32", data_dir: str | os.PathLike | None = 
   if config_name and config_name not in configs:
     raise ValueError(
       f"Unknown config {name!r}; registered: {sorted(configs)}. Build other "
-      "configs with crate_jax.data.shapes.build(CrateShapesConfig(...))."
+      "configs with crate_jax.data.crate_shapes.build(CrateShapesConfig(...))."
     )
   build(configs[config_name or CrateShapes.BUILDER_CONFIGS[0].name], data_dir)
