@@ -99,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     type=int,
     default=0,
     help="crate_jax on N single-threaded XLA:CPU devices, data parallel "
-    "(crate_jax.host_devices; as crate_jax.main --cpu_devices=N); "
+    "(crate_jax.xla_cpu.use_cpu_devices; as crate_jax.main --cpu_devices=N); "
     "0: XLA's default, one multi-threaded device",
   )
   p.add_argument(
@@ -120,10 +120,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     help="also time torch.compile; auto: try it and skip it if it fails",
   )
   p.add_argument(
+    "--cpu_kernels",
+    type=lambda v: v.lower() in ("1", "true", "yes"),
+    default=True,
+    help="compile crate_jax inside crate_jax.xla_cpu.kernels(), as the trainer does; "
+    "false: the plain math of crate_jax.ops",
+  )
+  p.add_argument(
     "--reuse_host_memory",
     type=lambda v: v.lower() in ("1", "true", "yes"),
     default=True,
-    help="crate_jax.host_memory.reuse_freed_memory() first, as crate_jax.main does "
+    help="crate_jax.xla_cpu.reuse_freed_memory() first, as crate_jax.main does "
     "(both sides run in this process, so both get it). false: glibc defaults.",
   )
   p.add_argument(
@@ -249,9 +256,11 @@ class JaxSide:
     from jax.sharding import PartitionSpec as P
     import optax
 
+    from crate_jax import xla_cpu
     from crate_jax.models import crate
 
     self.jax = jax
+    self.kernels = lambda: xla_cpu.kernels(args.cpu_kernels)
     self.compiler_options = dict(compiler_options or {})
     # Parameters replicated, the batch split over the devices (one device: a no-op).
     mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -287,7 +296,13 @@ class JaxSide:
       updates, opt_state = tx.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), opt_state, loss
 
-    self.loss_and_grad = jax.jit(jax.value_and_grad(loss_fn))
+    loss_and_grad = jax.jit(jax.value_and_grad(loss_fn))
+
+    def traced_with_kernels(*args):  # The switch is read when the function is traced.
+      with self.kernels():
+        return loss_and_grad(*args)
+
+    self.loss_and_grad = traced_with_kernels
     self.forward_jit = jax.jit(lambda params, images: model.apply({"params": params}, images)[0])
     self.train_jit = jax.jit(train_step, donate_argnums=(0, 1))
     self.compile_s: dict[str, float] = {}
@@ -307,15 +322,15 @@ class JaxSide:
     self.labels = self.jax.device_put(labels, self.batch_sharded)
     opts = self.compiler_options
     t0 = time.perf_counter()
-    self.forward_fn = self.forward_jit.lower(self.fwd_params, self.images).compile(
-      compiler_options=opts
-    )
+    with self.kernels():
+      lowered = self.forward_jit.lower(self.fwd_params, self.images)
+    self.forward_fn = lowered.compile(compiler_options=opts)
     self.compile_s["forward"] = time.perf_counter() - t0
     if "train" in modes:
       t0 = time.perf_counter()
-      self.train_fn = self.train_jit.lower(
-        self.params, self.opt_state, self.images, self.labels
-      ).compile(compiler_options=opts)
+      with self.kernels():
+        lowered = self.train_jit.lower(self.params, self.opt_state, self.images, self.labels)
+      self.train_fn = lowered.compile(compiler_options=opts)
       self.compile_s["train"] = time.perf_counter() - t0
 
   def forward(self) -> Any:
@@ -737,13 +752,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   sys.path.insert(0, str(REPO_ROOT))
   host_memory_reused = False
   if args.reuse_host_memory:  # Before JAX or torch start threads.
-    from crate_jax import host_memory
+    from crate_jax import xla_cpu
 
-    host_memory_reused = host_memory.reuse_freed_memory()
+    host_memory_reused = xla_cpu.reuse_freed_memory()
   if args.cpu_devices:  # Before JAX initialises its backends.
-    from crate_jax import host_devices
+    from crate_jax import xla_cpu
 
-    host_devices.use_cpu_devices(args.cpu_devices)
+    xla_cpu.use_cpu_devices(args.cpu_devices)
   ref = None
   if "torch" in args.frameworks:
     if args.omp_wait_policy != "unset":

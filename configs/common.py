@@ -7,15 +7,19 @@ this module as `configs.common`, so run from the repository root.
 import ml_collections
 
 from crate_jax import config_utils
+from crate_jax import models
+from crate_jax import tasks
 
-IMAGENET_TRAIN_IMAGES = 1_281_167
-
-
-def base(model_name: str, **model_fields) -> ml_collections.ConfigDict:
-  """The locked base config with model `model_name` and its fields set."""
+def base(
+  model_name: str, *, task: str = "classification", **model_fields
+) -> ml_collections.ConfigDict:
+  """The locked base config of `task` with model `model_name`, its fields and the task's
+  default evaluators (`config.evals`) set."""
   config = config_utils.base_config()
+  config.task = task
   config.model_name = model_name
   config.model = config_utils.model_config(model_name, **model_fields)
+  config.evals.update(tasks.task_class(task).default_evals(models.model_class(model_name)))
   return config
 
 
@@ -42,8 +46,9 @@ def imagenet_style_input(
 def pod_cadence(config: ml_collections.ConfigDict) -> None:
   """Logging, evaluation and checkpoint intervals for runs of tens of thousands of steps."""
   config.log_every_steps = 100
-  config.eval_every_steps = 2500
-  config.rate_reduction_every_steps = 5000
+  config.evals.eval.every_steps = 2500
+  if "rate_reduction" in config.evals:
+    config.evals.rate_reduction.every_steps = 5000
   config.checkpoint_every_steps = 1000
   config.checkpoint.max_to_keep = 3
   config.checkpoint.keep_period = 10_000

@@ -47,10 +47,11 @@ def get_config(arg=None):
       "published checkpoint file."
     )
   classes, train_split, eval_split, train_images, lr, epochs, resize = DATASETS[arg.dataset]
+  batch_size = 256
 
   config = common.base(arg.model, variant=arg.variant)
   common.imagenet_style_input(
-    config, dataset=arg.dataset, num_classes=classes, batch_size=256, image_size=arg.res
+    config, dataset=arg.dataset, num_classes=classes, batch_size=batch_size, image_size=arg.res
   )
   config.input.train_split, config.input.eval_split = train_split, eval_split
   config.input.eval_batch_size = 512
@@ -71,8 +72,9 @@ def get_config(arg=None):
   config.optimizer.lr = lr
   config.optimizer.weight_decay = 0.01
   config.schedule.name = "cosine"
-  total_steps = int(epochs * train_images / 256)
+  every = max(int(epochs * train_images / batch_size) // 20, 1)  # 20 times per run.
   config.log_every_steps = 50
-  config.eval_every_steps = config.rate_reduction_every_steps = max(total_steps // 20, 1)
-  config.checkpoint_every_steps = max(total_steps // 20, 1)
+  for entry in config.evals.values():
+    entry.every_steps = every
+  config.checkpoint_every_steps = every
   return config

@@ -46,7 +46,8 @@ from ml_collections import config_flags
 from crate_jax import config_utils
 from crate_jax import optim
 from crate_jax import sharding
-from crate_jax import train
+from crate_jax import tasks
+from crate_jax import train_state
 from crate_jax.models import get_model
 
 GiB = 1024**3
@@ -177,38 +178,13 @@ def device_memory(device: Any, override_gb: float | None = None) -> tuple[int | 
   return None, f"unknown for {device.device_kind}; pass --device_memory_gb"
 
 
-def analytic_flops_per_step(config: ml_collections.ConfigDict) -> float | None:
+def analytic_flops_per_step(config: ml_collections.ConfigDict) -> float:
   """Model FLOPs of one train step: 3 x the forward matmuls (no remat recompute).
 
-  Counts multiply-adds as 2 FLOPs in the patch embedding, the per-token weights of each
-  layer, the two attention products and the head; `None` for an unknown model.
+  The forward count is the model family's own (`Model.forward_flops`).
   """
   model = get_model(config.model_name, **config_utils.model_kwargs(config))
-  dims = model.dims()
-  d, depth, inner = dims["width"], dims["depth"], dims["heads"] * dims["dim_head"]
-  p1, p2 = dims["patch_size"]
-  size = config.input.image_size
-  patches = (size // p1) * (size // p2)
-  tokens = patches + 1
-  per_step = 0  # Matmuls on weights alone, once per step.
-  if config.model_name == "crate":
-    # U, O and D once: `ops.crate_ista` folds its two token matmuls into x (D - D^T D),
-    # whose D^T D is computed once per layer and step.
-    weights = 2 * d * inner + d * d
-    per_step = depth * d**3
-  elif config.model_name == "crate_alpha":
-    m = model.expansion * d  # D in 2 matmuls per ISTA step after the first, D1 once.
-    weights = 2 * d * inner + (2 * model.num_ista_steps - 1) * d * m + d * m
-  elif config.model_name == "vit":
-    weights = 4 * d * inner + 2 * model.mlp_ratio * d * d
-  else:
-    return None
-  macs = (
-    patches * 3 * p1 * p2 * d
-    + depth * (tokens * weights + 2 * tokens**2 * inner)
-    + d * config.input.num_classes
-  )
-  return 3 * 2 * (macs * config.input.global_batch_size + per_step)
+  return 3 * model.forward_flops(config.input.global_batch_size)
 
 
 def analyze(
@@ -229,19 +205,27 @@ def analyze(
   start = time.perf_counter()
   # Shapes and logical specs outside the mesh: optax builds its state template with
   # concrete arrays, which must land on the host, not on a compile-only TPU mesh.
-  abstract_params = train.abstract_params(model, image_size)
+  abstract_params = train_state.abstract_params(model, image_size)
   tx = optim.create_optimizer(config.optimizer, schedule, abstract_params)
-  abstract, specs = train.abstract_train_state(model, tx, image_size)
+  abstract, specs = train_state.abstract_train_state(model, tx, image_size)
   with sharding.use_mesh(mesh, rules):
     shardings = sharding.state_shardings(specs, abstract, mesh, rules)
     batch_sharding = sharding.batch_sharding(mesh, rules)
-    compiled = train.compile_train_step(
-      config, model, tx, schedule, abstract, shardings, batch_sharding
+    compiled = train_state.compile_train_step(
+      tasks.get_task(config),
+      model,
+      tx,
+      schedule,
+      abstract,
+      shardings,
+      batch_sharding,
+      batch_size=batch_size,
+      grad_accum_steps=config.grad_accum_steps,
     )
   compile_seconds = time.perf_counter() - start
 
   memory = compiled.memory_analysis()
-  flops, flops_note = train.compiled_flops(compiled), "not reported by this backend"
+  flops, flops_note = train_state.compiled_flops(compiled), "not reported by this backend"
   if config.model.scan_layers:  # XLA's count takes a loop body once, not once per layer.
     flops, flops_note = None, "not comparable with scan_layers (the layer loop counts once)"
   dims = model.dims()

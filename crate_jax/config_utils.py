@@ -13,7 +13,8 @@ import collections.abc
 from collections.abc import Iterator
 import contextlib
 import dataclasses
-import importlib
+import difflib
+import importlib.util
 import re
 import typing
 from typing import Any
@@ -23,9 +24,12 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
+from crate_jax import evaluators
+from crate_jax import models
 from crate_jax import optim
+from crate_jax import tasks
 from crate_jax.data import pipeline
-from crate_jax.models import MODELS
+from crate_jax.data import preprocess
 
 # Fields of a model that the trainer sets from `config.input`.
 INPUT_DERIVED_MODEL_FIELDS = ("num_classes", "image_size")
@@ -69,6 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
   """All fields a config may set, with defaults; locked. Units: steps unless said."""
   c = ml_collections.ConfigDict()
   c.seed = 0  # Parameters, data order and augmentation.
+  c.task = "classification"  # crate_jax.tasks: what is trained (loss, batch, metrics).
   c.model_name = "crate"  # crate | crate_alpha | vit
   c.model = ml_collections.ConfigDict()  # model_config(model_name, ...): its fields.
   c.input = pipeline.default_input_config()
@@ -101,9 +106,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.grad_accum_steps = 1  # Microbatches per update (global batch / this each).
 
   c.log_every_steps = 50
-  c.eval_every_steps = 1000  # 0: only at the end.
-  c.rate_reduction_every_steps = 0  # Layer-wise rate reduction; 0: only at the end.
-  c.rate_reduction_num_images = 64  # Fixed eval images it is measured on; 0: off.
+  # Evaluators by name: {name: dict(type=..., every_steps=..., **kwargs)}; see
+  # crate_jax.evaluators. configs/common.base() starts from the task's defaults.
+  c.evals = ml_collections.ConfigDict()
   c.checkpoint_every_steps = 1000  # 0: only at the end (and on preemption).
   c.checkpoint = ml_collections.ConfigDict(
     dict(
@@ -131,7 +136,16 @@ def base_config() -> ml_collections.ConfigDict:
     )
   )
   c.lock()
+  c.evals.unlock()  # Entries are free-form; `validate` checks them against their evaluator.
   return c
+
+
+# Fields that moved, for the error when an old config or command line sets them.
+MOVED_FIELDS = {
+  "eval_every_steps": "evals.eval.every_steps",
+  "rate_reduction_every_steps": "evals.rate_reduction.every_steps",
+  "rate_reduction_num_images": "evals.rate_reduction.num_images (or remove the entry)",
+}
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -163,9 +177,17 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 
 
 def _model_class(name: str) -> type:
-  if name not in MODELS:
-    raise ConfigError(f"Unknown model_name {name!r}; choose one of {MODELS}.")
-  return importlib.import_module(f"crate_jax.models.{name}").Model
+  try:
+    return models.model_class(name)
+  except ValueError as e:
+    raise ConfigError(f"model_name: {e}") from None
+
+
+def _task(config: ml_collections.ConfigDict) -> tasks.base.Task:
+  try:
+    return tasks.get_task(config)
+  except ValueError as e:
+    raise ConfigError(f"task: {e}") from None
 
 
 def _placeholder_type(annotation: Any, where: str) -> type:
@@ -211,11 +233,14 @@ def model_config(name: str, **fields: Any) -> ml_collections.ConfigDict:
 
 
 def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Keyword arguments of `crate_jax.models.get_model(config.model_name, ...)`."""
+  """Keyword arguments of `crate_jax.models.get_model(config.model_name, ...)`.
+
+  `config.model`, plus the fields the task derives from `config.input` (`image_size`,
+  and `num_classes` for classifiers).
+  """
   kwargs = config.model.to_dict()
   kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
-  kwargs["num_classes"] = config.input.num_classes
-  kwargs["image_size"] = config.input.image_size
+  kwargs.update(_task(config).model_fields(_model_class(config.model_name)))
   return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
 
 
@@ -244,14 +269,22 @@ def _flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> set[str]:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the first problem: unknown fields or inconsistent values."""
+  """Raises ConfigError naming the first problem: unknown fields or inconsistent values."""
+  model_cls = _model_class(config.model_name)
   known = _flat_keys(base_config()) | {f"model.{k}" for k in model_config(config.model_name)}
-  unknown = sorted(_flat_keys(config) - known)
+  unknown = sorted(k for k in _flat_keys(config) - known if not k.startswith("evals."))
   if unknown:
+    moved = [f"{k} is now {MOVED_FIELDS[k]}" for k in unknown if k in MOVED_FIELDS]
     raise ConfigError(
       f"Unknown config field(s) {unknown}: not in config_utils.base_config() "
-      f"or the fields of model {config.model_name!r}."
+      f"or the fields of model {config.model_name!r}"
+      + (f" ({'; '.join(moved)})." if moved else ".")
     )
+  try:
+    _task(config).check_model(model_cls)
+    evaluators.check(config.evals, model_cls)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   if config.optimizer.name not in optim.OPTIMIZERS:
     raise ConfigError(
       f"Unknown optimizer.name {config.optimizer.name!r}; choose one of {optim.OPTIMIZERS}."
@@ -260,6 +293,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
       f"Unknown schedule.name {config.schedule.name!r}; choose one of {optim.SCHEDULES}."
     )
+  if not config.optimizer.lr >= 0:
+    raise ConfigError(
+      f"optimizer.lr must be >= 0, got {config.optimizer.lr} (a negative rate ascends the loss)."
+    )
   try:
     re.compile(config.optimizer.decay_regex)
   except re.error as e:
@@ -267,9 +304,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for name in ("grad_accum_steps", "log_every_steps"):
     if config[name] < 1:
       raise ConfigError(f"{name} must be >= 1, got {config[name]}.")
-  for name in ("eval_every_steps", "checkpoint_every_steps", "rate_reduction_every_steps"):
-    if config[name] < 0:
-      raise ConfigError(f"{name} must be >= 0 (0: only at the end), got {config[name]}.")
+  for name in ("input.global_batch_size", "input.eval_batch_size", "input.image_size"):
+    section, field = name.split(".")
+    if config[section][field] < 1:
+      raise ConfigError(f"{name} must be >= 1, got {config[section][field]}.")
+  if config.input.crop not in preprocess.CROPS:
+    raise ConfigError(f"input.crop must be one of {preprocess.CROPS}, got {config.input.crop!r}.")
+  if any(not s > 0 for s in config.input.std):
+    raise ConfigError(f"input.std must be positive, got {tuple(config.input.std)}.")
+  if config.checkpoint_every_steps < 0:
+    raise ConfigError(
+      f"checkpoint_every_steps must be >= 0 (0: only at the end), got "
+      f"{config.checkpoint_every_steps}."
+    )
   if config.checkpoint.max_to_keep < 1:
     raise ConfigError(f"checkpoint.max_to_keep must be >= 1, got {config.checkpoint.max_to_keep}.")
   if config.init.checkpoint and config.init.format not in ("workdir", "published"):
@@ -280,6 +327,47 @@ def validate(config: ml_collections.ConfigDict) -> None:
     jnp.dtype(config.model.dtype)
   except TypeError as e:
     raise ConfigError(f"model.dtype {config.model.dtype!r}: {e}") from e
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """The config of a `--config` value, `path/to/config.py[:argument]`, as `get_config` gives it."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_crate_jax_config", path)
+  if module_spec is None or module_spec.loader is None:
+    raise ConfigError(f"Cannot load the config file {path!r}.")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def unknown_overrides(argv: list[str]) -> list[str]:
+  """One message per `--config.<path>=...` in `argv` that names no field of its config.
+
+  The config is the one `--config=` names in `argv`. Field names are compared, never the
+  text of a parser's error; the message suggests the closest known field.
+  """
+  spec = next((a.partition("=")[2] for a in argv if a.startswith("--config=")), None)
+  if spec is None:
+    return []
+  config = load_config_file(spec)
+  problems = []
+  for arg in argv:
+    name = arg.partition("=")[0]
+    if not name.startswith("--config."):
+      continue
+    node, path = config, name[len("--config.") :].split(".")
+    for depth, field in enumerate(path):
+      if isinstance(node, ml_collections.ConfigDict) and field in node:
+        node = node[field]
+        continue
+      known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      close = difflib.get_close_matches(field, known, n=1)
+      where = ".".join(path[:depth]) or "the config"
+      moved = MOVED_FIELDS.get(".".join(path))
+      hint = f" It is now {moved}." if moved else f' Did you mean "{close[0]}"?' if close else ""
+      problems.append(f"unknown config field {field!r} in {arg} (not a field of {where}).{hint}")
+      break
+  return problems
 
 
 def validate_batch(config: ml_collections.ConfigDict, batch_shards: int) -> None:

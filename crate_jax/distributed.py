@@ -22,6 +22,8 @@ Without the first three flags, the environment decides:
 
 from collections.abc import Mapping
 from collections.abc import Sequence
+import glob
+import importlib.util
 import os
 import re
 from typing import Any
@@ -229,12 +231,19 @@ def _is_host_port(address: str) -> bool:
   return bool(match) and 0 < int(match[2]) < 65536
 
 
-def _on_cloud_tpu_vm() -> bool:
-  """Whether JAX found Cloud TPU chips (and libtpu) when it was imported."""
-  # No public API says so. If a JAX upgrade moves this, non-TPU hosts are
-  # unaffected and a test in tests/test_distributed.py fails.
-  try:
-    from jax._src import cloud_tpu_init  # pylint: disable=g-import-not-at-top
-  except ImportError:
+# PCI vendor id of Google's TPU chips, as the kernel lists them under /sys/bus/pci/devices.
+_GOOGLE_PCI_VENDOR = "0x1ae0"
+
+
+def _on_cloud_tpu_vm(pci_devices: str = "/sys/bus/pci/devices") -> bool:
+  """Whether this host has Cloud TPU chips (on its PCI bus) and libtpu to drive them."""
+  if importlib.util.find_spec("libtpu") is None:
     return False
-  return getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False)
+  for vendor in glob.glob(os.path.join(pci_devices, "*", "vendor")):
+    try:
+      with open(vendor) as f:
+        if f.read().strip() == _GOOGLE_PCI_VENDOR:
+          return True
+    except OSError:
+      continue
+  return False

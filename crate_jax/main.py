@@ -20,9 +20,8 @@ from ml_collections import config_flags
 from crate_jax import checkpointing
 from crate_jax import config_utils
 from crate_jax import distributed
-from crate_jax import host_devices
-from crate_jax import host_memory
 from crate_jax import train
+from crate_jax import xla_cpu
 from crate_jax.data import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -35,15 +34,15 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 _REUSE_HOST_MEMORY = flags.DEFINE_bool(
   "reuse_host_memory",
   True,
-  "Set glibc malloc so that XLA:CPU steps reuse their buffers "
-  "instead of page-faulting them in every step (see crate_jax/host_memory.py).",
+  "Set glibc malloc so that XLA:CPU steps reuse their buffers instead of page-faulting "
+  "them in every step (crate_jax.xla_cpu.reuse_freed_memory).",
 )
 _CPU_DEVICES = flags.DEFINE_integer(
   "cpu_devices",
   0,
-  "On a CPU host: run XLA:CPU as this many single-threaded devices (one per "
-  "core) and train data-parallel over them; measured 0-14% faster than one multi-threaded "
-  "device on 2 cores (see crate_jax/host_devices.py). 0: XLA's default, one device.",
+  "On a CPU host: run XLA:CPU as this many single-threaded devices (one per core) and "
+  "train data-parallel over them (crate_jax.xla_cpu.use_cpu_devices; measurements in "
+  "benchmarks/README.md). 0: XLA's default, one device.",
   lower_bound=0,
 )
 flags.mark_flags_as_required(["config", "workdir"])
@@ -51,21 +50,14 @@ distributed.define_flags()
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, reporting an unknown `--config.<field>` without a traceback."""
+  """absl's flag parsing, reporting an unknown `--config.<field>` in one line."""
   try:
     return app.parse_flags_with_usage(argv)
-  except (AttributeError, KeyError) as e:
-    message = str(e).replace("\\'", "'")
-    for arg in argv:
-      path = arg.partition("=")[0].split(".")
-      field = next((f for f in path[1:] if f"'{f}'" in message), None)
-      if path[0] == "--config" and field:
-        hint = message[message.find("Did you mean") :] if "Did you mean" in message else ""
-        sys.exit(
-          f"FATAL Flags parsing error: unknown config field {field!r} in {arg}. "
-          + hint.rstrip("'\"")
-        )
-    raise  # An error inside the config file: its traceback says where.
+  except (AttributeError, KeyError):
+    unknown = config_utils.unknown_overrides(argv)
+    if not unknown:
+      raise  # An error inside the config file: its traceback says where.
+    sys.exit(f"FATAL Flags parsing error: {unknown[0]}")
 
 
 class _QuietCheckpointLibrary(std_logging.Filter):
@@ -82,9 +74,9 @@ def main(argv: list[str]) -> None:
   try:
     config_utils.validate(_CONFIG.value)  # Fails fast, before JAX or the data start.
     if _REUSE_HOST_MEMORY.value:  # Before JAX starts its threads.
-      host_memory.reuse_freed_memory()
+      xla_cpu.reuse_freed_memory()
     if _CPU_DEVICES.value:  # Before JAX initialises its backends.
-      host_devices.use_cpu_devices(_CPU_DEVICES.value)
+      xla_cpu.use_cpu_devices(_CPU_DEVICES.value)
     distributed.initialize_from_flags()
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except config_utils.ConfigError as e:

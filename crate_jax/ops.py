@@ -12,18 +12,20 @@ model, and works under `jit`, `vmap` and `grad`. Conventions:
   `a @ D.T`, i.e. `D a` in column notation. CRATE uses `m = d`, CRATE-alpha `m = 4 d`.
 * Log-determinants are always taken in float32 or higher (Cholesky of an SPD matrix),
   whatever the input dtype, so bf16 activations measure safely.
-* Products of tokens with a weight matrix go through `token_matmul`, on the 2D
-  `(tokens, d)` view of the activations (see there why).
+* Every function is differentiable in reverse and forward mode (`grad`, `jvp`, `jacfwd`).
+  Backend-specific speed code lives in `crate_jax.xla_cpu`, never here; the one place
+  that defers to it is `subspace_attention`, inside `xla_cpu.kernels()` only.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import chex
 import jax
 import jax.numpy as jnp
+
+from crate_jax import xla_cpu
 
 Array = jax.Array
 
@@ -31,12 +33,9 @@ Array = jax.Array
 def token_matmul(x: Array, w: Array) -> Array:
   """`x @ w` for tokens `x` of shape `(..., d)` and a matrix `w` of shape `(d, e)`.
 
-  Computed as one 2D matmul of the `(tokens, d)` view, which gives the same values as the
-  batched form and matters for speed: the weight gradient of a batched `(B, N, d)` product
-  contracts two axes (batch and tokens), and XLA:CPU then writes a transposed copy of the
-  activations for it (also the transposes into and out of the heads-first attention
-  layout). On the 2D view every matmul, forward and backward, runs on row-major operands.
-  Measured on the benchmark's small CRATE (2 cores): train step 862 -> 657 ms.
+  One 2D matmul of the `(tokens, d)` view: the same values as the batched product, and
+  every matmul of its backward pass contracts a single axis of row-major operands (no
+  transposed copies of the activations for the weight gradient).
   """
   chex.assert_rank(w, 2)
   chex.assert_equal(x.shape[-1], w.shape[0])
@@ -206,29 +205,19 @@ def ista_step(x: Array, a: Array, dictionary: Array, eta: float, lam: float) -> 
 
 
 def crate_ista(x: Array, dictionary: Array, eta: float = 0.1, lam: float = 0.1) -> Array:
-  """CRATE's sparse-coding layer: one ISTA step started at `a = x` (square `D`).
+  """CRATE's sparse-coding layer: one non-negative ISTA step started at `a = x` (square `D`).
 
-  `Z+ = ReLU(x + eta * (x - x @ D^T) @ D - eta * lam)`, which equals the published
-  three-matmul form `ReLU(x + eta * (x @ D - x @ D^T @ D) - eta * lam)`, where `D` is the
-  published `fn.weight`. There is no residual connection around this step.
-
-  When there are more tokens than the width `d` (training batches), the two token matmuls
-  are folded into one, `x @ (D - D^T D)`: the `d x d` product costs less than a pass over
-  the tokens, and the backward pass then needs two token matmuls instead of four.
+  `Z+ = ReLU(x + eta (x @ D - x @ D^T @ D) - eta lam)`, the published code's form (`D` is
+  its `fn.weight`; in column notation `ReLU(x + eta D^T (x - D x) - eta lam)`). There is no
+  residual connection around this step. Computed as `ReLU(x + eta x (D - D^T D) - eta lam)`:
+  one token matmul instead of three (the `d x d` product `D^T D` is computed once), always,
+  whatever the batch, with `D - D^T D` formed in float32 before the cast to `x.dtype`.
   """
   d = x.shape[-1]
   chex.assert_shape(dictionary, (d, d))
-  if math.prod(x.shape[:-1]) <= d:
-    return ista_step(x, x, dictionary, eta, lam)
-  folded = dictionary - dictionary.T @ dictionary
+  dictionary = dictionary.astype(jnp.promote_types(dictionary.dtype, jnp.float32))
+  folded = (dictionary - dictionary.T @ dictionary).astype(x.dtype)
   return jax.nn.relu(x + eta * token_matmul(x, folded) - eta * lam)
-
-
-def crate_ista_three_matmul(
-  x: Array, dictionary: Array, eta: float = 0.1, lam: float = 0.1
-) -> Array:
-  """The published code's literal form of `crate_ista` (three matmuls; reference only)."""
-  return jax.nn.relu(x + eta * (x @ dictionary - x @ dictionary.T @ dictionary) - eta * lam)
 
 
 def overcomplete_ista(
@@ -265,96 +254,49 @@ def overcomplete_ista(
 # --------------------------------------------------------------------------------------
 
 
-def _on_cpu(fn, x: Array, default=lambda x: x) -> Array:
-  """`fn(x)` when lowering for CPU, `default(x)` for other backends (same value)."""
-  return jax.lax.platform_dependent(x, cpu=fn, default=default)
-
-
-def _batched_matmul(subscripts: str, a: Array, b: Array) -> Array:
-  """`jnp.einsum(subscripts, a, b)` for the per-head matmuls of attention.
-
-  On CPU the product is returned fused with a zero-valued row reduction,
-  `y + 0 * max(y, axis=-1)`: the same values (a row with an infinite entry becomes NaN). XLA:CPU
-  (YNNPACK fusions, jax 0.10) runs a batched matmul followed by a reduction of its rows
-  over the batch on all threads with a faster kernel, and a bare batched matmul on one
-  thread: for the benchmark's 65-token heads, `attn @ W` takes 4.4 ms instead of 7.5 ms
-  on 2 cores (5.6 instead of 7.5 on one). Other backends get the plain product.
-  """
-  y = jnp.einsum(subscripts, a, b)
-  return _on_cpu(lambda y: y + 0 * jnp.max(y, axis=-1, keepdims=True), y)
-
-
-_WRITE_OUT_ATTN_T_MAX_TOKENS = 128  # See _attention_bwd.
-
-
-def _attention_forward(w: Array, scale: float) -> tuple[Array, Array]:
-  logits = jnp.einsum("...qp,...sp->...qs", w, w) * scale
-  attn = jax.nn.softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
-  attn = attn.astype(w.dtype)
-  return _batched_matmul("...qs,...sp->...qp", attn, w), attn
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def subspace_attention_heads_first(w: Array, scale: float) -> tuple[Array, Array]:
+def subspace_attention(w: Array, scale: float) -> tuple[Array, Array]:
   """Per-head self-attention with query = key = value = `w`, heads-first layout.
 
-  `A_k = softmax(scale * W_k W_k^T)` over keys, output `A_k W_k`.
-
-  The gradient is written by hand to use the symmetry of `W_k W_k^T`: with `L` the logits,
-  `dW = A^T G + scale (dL + dL^T) W`, three matmuls where autodiff of the generic query /
-  key / value form takes four. Differentiable in reverse mode (`grad`, `vjp`), not forward.
+  `A_k = softmax(scale W_k W_k^T)` over keys (rows are queries), output `A_k W_k`. The
+  softmax is taken in float32 (or higher) whatever the dtype of `w`.
 
   Args:
     w: head projections, `(..., K, N, p)`.
     scale: logit scale (`1/sqrt(p)` in the published code, 1 in the paper).
 
   Returns:
-    `(out, attn)`: `out` of shape `(..., K, N, p)` and `attn` of shape `(..., K, N, N)`
-    (rows are queries).
+    `(out (..., K, N, p), attn (..., K, N, N))`.
   """
-  return _attention_forward(w, scale)
+  if xla_cpu.kernels_enabled():  # Same values; see crate_jax.xla_cpu.
+    return xla_cpu.subspace_attention(w, scale)
+  return _subspace_attention(w, scale)
 
 
-def _attention_fwd(w, scale):
-  out, attn = _attention_forward(w, scale)
-  return (out, attn), (w, attn)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _subspace_attention(w: Array, scale: float) -> tuple[Array, Array]:
+  logits = jnp.einsum("...qp,...sp->...qs", w, w) * scale
+  attn = jax.nn.softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
+  attn = attn.astype(w.dtype)
+  return jnp.einsum("...qs,...sp->...qp", attn, w), attn
 
 
-def _attention_bwd(scale, residuals, cotangents):
-  w, attn = residuals
-  g_out, g_attn = cotangents
-  g_attn = jnp.einsum("...qp,...sp->...qs", g_out, w) + g_attn
-  # Softmax backward in float32 (as the forward), then back to the activation dtype.
+@_subspace_attention.defjvp
+def _subspace_attention_jvp(scale, primals, tangents):
+  """Tangents written with the symmetry of the logits `L = scale W W^T`.
+
+  `dL = scale (X + X^T)` with `X = dW W^T`. Transposed for reverse mode, this gives
+  `dW = A^T G + scale (G_L + G_L^T) W`: three matmuls, where autodiff of the generic
+  query/key/value form takes four.
+  """
+  (w,), (dw,) = primals, tangents
+  out, attn = _subspace_attention(w, scale)
+  x = jnp.einsum("...qp,...sp->...qs", dw, w)
+  d_logits = scale * (x + jnp.swapaxes(x, -1, -2))
   a = attn.astype(jnp.promote_types(attn.dtype, jnp.float32))
-  g_attn = g_attn.astype(a.dtype)
-  g_logits = (a * (g_attn - jnp.sum(g_attn * a, axis=-1, keepdims=True))).astype(w.dtype)
-  swap = lambda a: jnp.swapaxes(a, -1, -2)
-  attn_t = swap(attn)  # XLA folds this transpose into the product below...
-  if attn.shape[-1] <= _WRITE_OUT_ATTN_T_MAX_TOKENS:
-    # ...but on CPU A^T is better written out: XLA:CPU's YNNPACK fusions take no transposed
-    # operand, and A^T G otherwise runs as a stand-alone dot (65 tokens: 11.3 vs 8.2 ms,
-    # train step 7-8% faster; 197 tokens: the extra copy made the step 8% slower).
-    attn_t = _on_cpu(lambda a: jax.lax.optimization_barrier(swap(a)), attn, default=swap)
-  g_w = _batched_matmul("...sq,...qp->...sp", attn_t, g_out)
-  g_w += scale * _batched_matmul("...qs,...sp->...qp", g_logits + swap(g_logits), w)
-  return (g_w,)
-
-
-subspace_attention_heads_first.defvjp(_attention_fwd, _attention_bwd)
-
-
-def subspace_self_attention(w: Array, scale: float) -> tuple[Array, Array]:
-  """`subspace_attention_heads_first` for head projections in token-major layout.
-
-  Args:
-    w: head projections, `(..., N, K, p)` (as `head_projections` returns them).
-    scale: logit scale.
-
-  Returns:
-    `(out (..., N, K, p), attn (..., K, N, N))`.
-  """
-  out, attn = subspace_attention_heads_first(jnp.swapaxes(w, -2, -3), scale)
-  return jnp.swapaxes(out, -2, -3), attn
+  d_logits = d_logits.astype(a.dtype)
+  d_attn = (a * (d_logits - jnp.sum(a * d_logits, axis=-1, keepdims=True))).astype(w.dtype)
+  d_out = jnp.einsum("...qs,...sp->...qp", d_attn, w) + jnp.einsum("...qs,...sp->...qp", attn, dw)
+  return (out, attn), (d_out, d_attn)
 
 
 def mssa_published(
@@ -377,7 +319,7 @@ def mssa_published(
   chex.assert_equal(u.shape[1:], out_kernel.shape[:2])
   k, p, d_out = out_kernel.shape
   w = head_projections(x, u)
-  heads, attn = subspace_attention_heads_first(_heads_first(w), p**-0.5)
+  heads, attn = subspace_attention(_heads_first(w), p**-0.5)
   y = token_matmul(_tokens_major(heads), out_kernel.reshape(k * p, d_out))
   if out_bias is not None:
     y = y + out_bias
@@ -394,7 +336,7 @@ def mssa_paper(z: Array, u: Array) -> tuple[Array, Array, Array]:
   """
   d, k, p = u.shape
   w = head_projections(z, u)
-  heads, attn = subspace_attention_heads_first(_heads_first(w), 1.0)
+  heads, attn = subspace_attention(_heads_first(w), 1.0)
   return token_matmul(_tokens_major(heads), u.reshape(d, k * p).T), w, attn
 
 

@@ -103,3 +103,34 @@ class Profile:
     if due:
       jax.profiler.start_trace(self._logdir)
       self._started_at = step
+
+
+class Throughput:
+  """Images/s, model TFLOP/s and MFU per device, over the steps since the last report.
+
+  `restart(step)` after work that is not training (evaluation, checkpoints) keeps it out.
+  """
+
+  def __init__(
+    self, *, batch_size: int, flops_per_step: float | None, peak_tflops: float, step: int
+  ):
+    self._batch_size = batch_size
+    self._flops_per_step = flops_per_step
+    self._peak_tflops = peak_tflops
+    self.restart(step)
+
+  def restart(self, step: int) -> None:
+    self._start = (time.perf_counter(), step)
+
+  def __call__(self, step: int) -> dict[str, float]:
+    elapsed = time.perf_counter() - self._start[0]
+    steps_per_sec = (step - self._start[1]) / max(elapsed, 1e-9)
+    self.restart(step)
+    devices = jax.device_count()
+    scalars = {"perf/images_per_sec_per_device": steps_per_sec * self._batch_size / devices}
+    if self._flops_per_step:
+      tflops = steps_per_sec * self._flops_per_step / 1e12
+      scalars["perf/model_tflops_per_sec_per_device"] = tflops
+      if self._peak_tflops:
+        scalars["perf/mfu"] = tflops / self._peak_tflops
+    return scalars

@@ -111,6 +111,26 @@ def test_unknown_command_line_field_is_a_one_line_error(tmp_path):
   assert "Traceback" not in result.stderr
 
 
+def test_a_moved_field_says_where_it_went(tmp_path):
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "crate_jax.main",
+      "--config=configs/demo.py",
+      f"--workdir={tmp_path}",
+      "--config.eval_every_steps=100",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode != 0 and "Traceback" not in result.stderr
+  assert "unknown config field 'eval_every_steps'" in result.stderr
+  assert "It is now evals.eval.every_steps." in result.stderr
+
+
 def test_misspelt_field_in_a_config_file_fails_where_it_is_set(tmp_path):
   (tmp_path / "typo.py").write_text(
     "from configs import common\n"
@@ -134,9 +154,15 @@ def test_validate_names_the_problem():
   for field, value, message in [
     ("optimizer.name", "sgdd", "Unknown optimizer.name 'sgdd'"),
     ("schedule.name", "step", "Unknown schedule.name 'step'"),
-    ("model_name", "resnet", "Unknown model_name 'resnet'"),
+    ("model_name", "resnet", "model_name: Unknown model 'resnet'"),
+    ("task", "segmentation", "task: Unknown task 'segmentation'"),
     ("grad_accum_steps", 0, "grad_accum_steps must be >= 1"),
     ("model.dtype", "float17", "float17"),
+    ("optimizer.lr", -1.0, r"optimizer.lr must be >= 0, got -1.0 \(a negative rate ascends"),
+    ("input.global_batch_size", 0, "input.global_batch_size must be >= 1, got 0"),
+    ("input.crop", "bogus", r"input.crop must be one of \('random_resized', 'inception', 'none'\)"),
+    ("input.std", (0.2, 0.0, 0.2), "input.std must be positive"),
+    ("evals.eval.type", "clasification", "config.evals.eval: unknown type 'clasification'"),
   ]:
     config = load("demo.py")
     *parents, name = field.split(".")

@@ -194,7 +194,7 @@ def test_errors_name_the_problem(golden_dir, tmp_path):
     convert.from_published(state, heads=4, image_size=(32, 40))
   with pytest.raises(convert.ConversionError, match="cannot be overridden"):
     convert.from_published(state, heads=4, num_classes=3)
-  with pytest.raises(convert.ConversionError, match="Not a published CRATE"):
+  with pytest.raises(convert.ConversionError, match="Not a published checkpoint of a known format"):
     convert.from_published({"foo": np.zeros(3)})
   with pytest.raises(convert.ConversionError, match="Unexpected keys"):
     convert.from_published(state | {"extra.weight": np.zeros(3)}, heads=4)

@@ -1,5 +1,6 @@
 """Tests for crate_jax.distributed: decisions, errors and a 2-process job."""
 
+import importlib.util
 import os
 import pathlib
 import socket
@@ -125,11 +126,16 @@ def test_explains_a_cluster_jax_cannot_configure(monkeypatch):
     distributed.initialize()
 
 
-def test_jax_still_reports_cloud_tpu_hosts():
-  # `_on_cloud_tpu_vm` reads a private JAX flag; fail loudly if it moves.
-  from jax._src import cloud_tpu_init  # pylint: disable=g-import-not-at-top
-
-  assert isinstance(cloud_tpu_init.running_in_cloud_tpu_vm, bool)
+def test_cloud_tpu_hosts_are_told_by_their_pci_devices(tmp_path, monkeypatch):
+  for name, vendor in (("0000:00:04.0", "0x1ae0"), ("0000:00:05.0", "0x8086")):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "vendor").write_text(vendor + "\n")
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())  # libtpu present.
+  assert distributed._on_cloud_tpu_vm(str(tmp_path))
+  (tmp_path / "0000:00:04.0" / "vendor").write_text("0x10de\n")  # A GPU, not a TPU.
+  assert not distributed._on_cloud_tpu_vm(str(tmp_path))
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+  assert not distributed._on_cloud_tpu_vm(str(tmp_path))
 
 
 _WORKER = """

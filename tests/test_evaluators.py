@@ -1,5 +1,6 @@
 """Layer-wise rate-reduction measurements and the classification evaluator."""
 
+import functools
 import json
 import re
 import types
@@ -7,6 +8,7 @@ import types
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
@@ -14,9 +16,10 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from crate_jax import convert
+from crate_jax import evaluators
+from crate_jax import models
 from crate_jax import writers
 from crate_jax.evaluators import classification
-from crate_jax.evaluators import get_evaluator
 from crate_jax.evaluators import rate_reduction
 from crate_jax.models import get_model
 
@@ -93,10 +96,10 @@ def test_layerwise_quantities_match_numpy_from_the_parameters(crate):
 
 def test_evaluator_scalars_statistics_and_history(crate):
   assert crate.model.lam == LAM  # The evaluator's default.
-  evaluator = get_evaluator("rate_reduction", model=crate.model, images=crate.images, batch_size=3)
+  evaluator = rate_reduction.LayerwiseRateReduction(crate.model, crate.images, batch_size=3)
   scalars = evaluator.run(crate.params, step=100)
   assert set(scalars) == {
-    f"rate_reduction/{q}{suffix}/layer_{layer:02d}"
+    f"{q}{suffix}/layer_{layer:02d}"
     for layer in (1, 2)
     for q in rate_reduction.QUANTITIES
     for suffix in ("", "_std")
@@ -105,16 +108,14 @@ def test_evaluator_scalars_statistics_and_history(crate):
   for q, values in crate.per_image.items():
     for layer in (1, 2):
       values_l = np.asarray(values[layer - 1], np.float64)
+      np.testing.assert_allclose(scalars[f"{q}/layer_{layer:02d}"], values_l.mean(), rtol=1e-5)
       np.testing.assert_allclose(
-        scalars[f"rate_reduction/{q}/layer_{layer:02d}"], values_l.mean(), rtol=1e-5
-      )
-      np.testing.assert_allclose(
-        scalars[f"rate_reduction/{q}_std/layer_{layer:02d}"], values_l.std(), rtol=1e-3, atol=1e-6
+        scalars[f"{q}_std/layer_{layer:02d}"], values_l.std(), rtol=1e-3, atol=1e-6
       )
   assert list(evaluator.history) == [100]
   np.testing.assert_allclose(
     evaluator.history[100]["nonzero_fraction"].mean,
-    [scalars[f"rate_reduction/nonzero_fraction/layer_{layer:02d}"] for layer in (1, 2)],
+    [scalars[f"nonzero_fraction/layer_{layer:02d}"] for layer in (1, 2)],
   )
 
 
@@ -125,7 +126,7 @@ def test_evaluator_reproduces_the_golden_published_measurements(golden_dir):
     heads=json.loads(str(golden["config_json"]))["heads"],
   )
   images = golden["input_nchw"].transpose(0, 2, 3, 1)
-  evaluator = rate_reduction.RateReductionEvaluator(model, images)
+  evaluator = rate_reduction.LayerwiseRateReduction(model, images)
   stats = evaluator.layer_stats(variables["params"])
   for name, golden_name in [
     ("compression_published", "coding_rate"),
@@ -197,8 +198,9 @@ def test_tensorboard_layout_has_a_chart_per_quantity(tmp_path):
   charts = layout.category[0].chart
   assert [c.title for c in charts] == list(rate_reduction.QUANTITIES)
   pattern = re.compile(charts[0].multiline.tag[0])
-  assert pattern.match(rate_reduction.metric_name(rate_reduction.QUANTITIES[0], 12))
-  assert not pattern.match(rate_reduction.metric_name(rate_reduction.QUANTITIES[0] + "_std", 12))
+  name = lambda quantity: "rate_reduction/" + rate_reduction.metric_name(quantity, 12)
+  assert pattern.match(name(rate_reduction.QUANTITIES[0]))
+  assert not pattern.match(name(rate_reduction.QUANTITIES[0] + "_std"))
 
 
 class _Linear(nn.Module):
@@ -229,7 +231,8 @@ def test_classification_is_exact_over_padded_uneven_batches():
         "mask": np.concatenate([np.ones(size, np.float32), np.zeros(pad, np.float32)]),
       }
     )
-  metrics = classification.ClassificationEvaluator(model).run(params, batches)
+  step = jax.jit(functools.partial(classification.eval_sums, model))
+  metrics = classification.summarize([step(params, batch) for batch in batches])
 
   shifted = logits - logits.max(1, keepdims=True)
   log_probs = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
@@ -249,9 +252,37 @@ def test_classification_rejects_an_empty_set():
     "mask": np.zeros(2, np.float32),
   }
   with pytest.raises(ValueError, match="no real examples"):
-    classification.ClassificationEvaluator(model).run(params, [batch])
+    classification.summarize([classification.eval_sums(model, params, batch)])
 
 
-def test_get_evaluator_rejects_unknown_names():
-  with pytest.raises(ValueError, match="Unknown evaluator"):
-    get_evaluator("segmentation")
+@pytest.mark.parametrize(
+  "entry,message",
+  [
+    (dict(every_steps=5), "has no `type`"),
+    (dict(type="segmentaton"), "unknown type 'segmentaton'"),
+    (dict(type="rate_reduction", num_imgs=4), r"num_imgs.*its fields: \['num_images'"),
+    (dict(type="classification", every_steps=-1), "every_steps must be an int >= 0"),
+  ],
+)
+def test_check_names_the_entry_and_the_problem(entry, message):
+  with pytest.raises(ValueError, match=message):
+    evaluators.check({"probe": entry}, models.model_class("crate"))
+
+
+def test_check_refuses_measurements_a_model_cannot_give():
+  evaluators.check({"rr": dict(type="rate_reduction")}, models.model_class("crate_alpha"))
+  with pytest.raises(ValueError, match="cannot measure a ViT model"):
+    evaluators.check({"rr": dict(type="rate_reduction")}, models.model_class("vit"))
+
+
+def test_built_evaluators_run_by_name_with_their_entry_fields(crate, tmp_path, monkeypatch):
+  context = evaluators.Context(crate.model, ml_collections.ConfigDict(), workdir=tmp_path)
+  monkeypatch.setattr(evaluators.Context, "fixed_images", lambda self, num: crate.images[:num])
+  (scheduled,) = evaluators.build(
+    {"layerwise": dict(type="rate_reduction", every_steps=4, num_images=3)}, context
+  )
+  assert (scheduled.name, scheduled.due(8), scheduled.due(6)) == ("layerwise", True, False)
+  scalars = scheduled.evaluator.run(crate.params, step=8)
+  expected = rate_reduction.LayerwiseRateReduction(crate.model, crate.images[:3])
+  assert scalars == pytest.approx(expected.run(crate.params), rel=1e-4, abs=1e-5)
+  assert (tmp_path / "layerwise.png").exists()  # Named after the entry.

@@ -51,8 +51,8 @@ def _start(workdir, data_dir, steps, *, num_processes, devices_per_process, mesh
     "--config.schedule.name=constant",
     "--config.schedule.warmup_steps=0",
     "--config.log_every_steps=1",
-    "--config.eval_every_steps=0",
-    "--config.rate_reduction_num_images=8",
+    "--config.evals.eval.every_steps=0",
+    "--config.evals.rate_reduction.num_images=8",
     "--config.checkpoint_every_steps=2",
     *mesh,
   ]

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from crate_jax import ops
+from crate_jax import xla_cpu
 
 
 def _random_orthogonal(key, n):
@@ -92,24 +93,33 @@ def test_logdet_in_float32_for_bfloat16_inputs():
   np.testing.assert_allclose(r16, ops.coding_rate(z), rtol=2e-2)
 
 
-def test_ista_two_matmul_equals_three_matmul():
-  k1, k2 = jax.random.split(jax.random.PRNGKey(5))
-  x, d = jax.random.normal(k1, (4, 7, 12)), jax.random.normal(k2, (12, 12)) * 0.3
-  np.testing.assert_allclose(ops.crate_ista(x, d), ops.crate_ista_three_matmul(x, d), atol=1e-5)
+def _published_ista(x, d, eta=0.1, lam=0.1):
+  """The published code's literal three-matmul form."""
+  return jax.nn.relu(x + eta * (x @ d - x @ d.T @ d) - eta * lam)
 
 
-@pytest.mark.parametrize("tokens", [5, 40])  # Fewer tokens than d = 12: two matmuls; more: folded.
+@pytest.mark.parametrize("tokens", [5, 40])  # Fewer and more tokens than d = 12.
 def test_crate_ista_values_and_gradients_equal_published_form(tokens):
   k1, k2, k3 = jax.random.split(jax.random.PRNGKey(6), 3)
   x, d = jax.random.normal(k1, (tokens, 12)), jax.random.normal(k2, (12, 12)) * 0.3
   probe = jax.random.normal(k3, (tokens, 12))
-  np.testing.assert_allclose(ops.crate_ista(x, d), ops.crate_ista_three_matmul(x, d), atol=1e-5)
+  np.testing.assert_allclose(ops.crate_ista(x, d), _published_ista(x, d), atol=1e-5)
   grads = [
     jax.grad(lambda x, d, f=f: jnp.sum(f(x, d) * probe), argnums=(0, 1))(x, d)
-    for f in (ops.crate_ista, ops.crate_ista_three_matmul)
+    for f in (ops.crate_ista, _published_ista)
   ]
   for ours, published in zip(*grads):
     np.testing.assert_allclose(ours, published, rtol=1e-5, atol=1e-5)
+
+
+def test_crate_ista_of_a_row_does_not_depend_on_the_batch_in_bfloat16():
+  """One formula for every batch size: a token's output is the same alone or in a batch."""
+  k1, k2 = jax.random.split(jax.random.PRNGKey(7))
+  x = jax.random.normal(k1, (64, 16)).astype(jnp.bfloat16)
+  d = jax.random.normal(k2, (16, 16)) * 0.3
+  batched = ops.crate_ista(x, d)
+  alone = jnp.concatenate([ops.crate_ista(x[i : i + 1], d) for i in range(4)])
+  np.testing.assert_array_equal(np.asarray(alone, np.float32), np.asarray(batched[:4], np.float32))
 
 
 @pytest.mark.parametrize("m", [12, 48])
@@ -213,36 +223,74 @@ def test_mssa_published_gradients_equal_autodiff_of_einsum_form():
     np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
 
 
-def test_subspace_attention_gradient_equals_autodiff_of_definition():
-  """The hand-written VJP (symmetric logits) against autodiff of the plain formula."""
+def _attention_definition(w, scale):
+  attn = jax.nn.softmax(jnp.einsum("...kqp,...ksp->...kqs", w, w) * scale, axis=-1)
+  return jnp.einsum("...kqs,...ksp->...kqp", attn, w), attn
+
+
+def _attention_loss(attention, w, probe_out, probe_attn):
+  out, attn = attention(w)  # Both outputs used: both cotangents are exercised.
+  return jnp.sum(out * probe_out) + jnp.sum(attn * probe_attn)
+
+
+@pytest.mark.parametrize("cpu_kernels", [False, True])
+def test_subspace_attention_derivatives_equal_autodiff_of_definition(cpu_kernels):
+  """The symmetric JVP rule (and the CPU kernel's VJP) against autodiff of the formula."""
   k1, k2, k3 = jax.random.split(jax.random.PRNGKey(12), 3)
   w = jax.random.normal(k1, (2, 3, 9, 4))
-  probe_out, probe_attn = jax.random.normal(k2, w.shape), jax.random.normal(k3, (2, 3, 9, 9))
+  probes = jax.random.normal(k2, w.shape), jax.random.normal(k3, (2, 3, 9, 9))
+  with xla_cpu.kernels(cpu_kernels):
+    ours = jax.grad(lambda w: _attention_loss(lambda w: ops.subspace_attention(w, 0.5), w, *probes))
+    grad = jax.jit(ours)(w)
+    out = jax.jit(ops.subspace_attention, static_argnums=1)(w, 0.5)
+  definition = lambda w: _attention_definition(w, 0.5)
+  expected = jax.grad(lambda w: _attention_loss(definition, w, *probes))(w)
+  np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
+  for ours_out, expected_out in zip(out, definition(w)):
+    np.testing.assert_allclose(ours_out, expected_out, rtol=1e-5, atol=1e-6)
 
-  def definition(w):
-    attn = jax.nn.softmax(jnp.einsum("bkqp,bksp->bkqs", w, w) * 0.5, axis=-1)
-    return jnp.einsum("bkqs,bksp->bkqp", attn, w), attn
 
-  def loss(attention, w):  # Uses both outputs, so both cotangents are exercised.
-    out, attn = attention(w)
-    return jnp.sum(out * probe_out) + jnp.sum(attn * probe_attn)
-
-  ours = jax.grad(lambda w: loss(lambda w: ops.subspace_attention_heads_first(w, 0.5), w))(w)
-  np.testing.assert_allclose(ours, jax.grad(lambda w: loss(definition, w))(w), rtol=1e-5, atol=1e-6)
+def test_forward_mode_of_attention_equals_the_definition():
+  k1, k2 = jax.random.split(jax.random.PRNGKey(13))
+  w, tangent = jax.random.normal(k1, (3, 6, 4)), jax.random.normal(k2, (3, 6, 4))
+  attention = lambda w: ops.subspace_attention(w, 0.5)
+  definition = lambda w: _attention_definition(w, 0.5)
+  _, ours = jax.jvp(attention, (w,), (tangent,))
+  _, expected = jax.jvp(definition, (w,), (tangent,))
+  for a, b in zip(ours, expected):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(
-    ops.subspace_attention_heads_first(w, 0.5)[0], definition(w)[0], rtol=1e-5, atol=1e-6
+    jax.jacfwd(lambda w: attention(w)[0])(w),
+    jax.jacrev(lambda w: definition(w)[0])(w),
+    rtol=1e-5,
+    atol=1e-6,
   )
 
 
-def test_attention_matmul_workaround_is_cpu_only():
-  """On CPU, attention's per-head matmuls carry a zero-valued row reduction and the
-  backward writes A^T out (XLA:CPU speed workarounds, see `ops._batched_matmul`); other
-  backends get the plain products. Values are covered by the tests above."""
+def test_cpu_kernel_propagates_inf_and_nan_like_the_plain_path():
+  """Rows with inf or NaN give the same values (and infs, NaNs) as the plain products."""
+  w = jax.random.normal(jax.random.PRNGKey(14), (2, 5, 3))
+  w = w.at[0, 1, 2].set(jnp.inf).at[1, 3, 0].set(jnp.nan).at[1, 0, 1].set(-jnp.inf)
+  probe = jax.random.normal(jax.random.PRNGKey(15), w.shape)
+  results = []
+  for cpu_kernels in (False, True):
+    with xla_cpu.kernels(cpu_kernels):
+      f = jax.jit(lambda w: ops.subspace_attention(w, 0.5))
+      g = jax.jit(jax.grad(lambda w: jnp.sum(ops.subspace_attention(w, 0.5)[0] * probe)))
+      results.append((*f(w), g(w)))
+  for plain, kernel in zip(*results):
+    np.testing.assert_array_equal(np.asarray(kernel), np.asarray(plain))
+
+
+def test_cpu_kernel_epilogues_are_cpu_only():
+  """Inside `xla_cpu.kernels()`, attention's per-head matmuls carry a zero-valued row
+  reduction and the backward writes A^T out on CPU; other backends get the plain products."""
 
   def count(platform, op, tokens=9):
     w = probe = jnp.ones((2, 3, tokens, 4))
-    grad = jax.grad(lambda w: jnp.sum(ops.subspace_attention_heads_first(w, 0.5)[0] * probe))
-    return jax.export.export(jax.jit(grad), platforms=[platform])(w).mlir_module().count(op)
+    with xla_cpu.kernels():
+      grad = jax.grad(lambda w: jnp.sum(ops.subspace_attention(w, 0.5)[0] * probe))
+      return jax.export.export(jax.jit(grad), platforms=[platform])(w).mlir_module().count(op)
 
   # Softmax (max, sum) and its backward (one sum): 3 reductions; on CPU each backward
   # matmul adds one (the forward product is not needed for the gradient).
@@ -250,7 +298,7 @@ def test_attention_matmul_workaround_is_cpu_only():
   assert count("cpu", "stablehlo.reduce") == 5
   assert count("cuda", "optimization_barrier") == 0 < count("cpu", "optimization_barrier")
   # A^T is written out for short sequences only (measured: faster at 65 tokens, slower at 197).
-  long = ops._WRITE_OUT_ATTN_T_MAX_TOKENS + 1
+  long = xla_cpu._WRITE_OUT_ATTN_T_MAX_TOKENS + 1
   assert count("cpu", "optimization_barrier", tokens=long) == 0
   assert count("cpu", "stablehlo.reduce", tokens=long) == 5
 

@@ -74,7 +74,8 @@ def _worker(out_path: str, checkpoint_dir: str) -> None:
   from crate_jax import config_utils  # pylint: disable=g-import-not-at-top
   from crate_jax import optim  # pylint: disable=g-import-not-at-top
   from crate_jax import sharding  # pylint: disable=g-import-not-at-top
-  from crate_jax import train  # pylint: disable=g-import-not-at-top
+  from crate_jax import tasks  # pylint: disable=g-import-not-at-top
+  from crate_jax import train_state  # pylint: disable=g-import-not-at-top
   from crate_jax.models import get_model  # pylint: disable=g-import-not-at-top
 
   assert jax.device_count() == NUM_DEVICES, jax.devices()
@@ -91,8 +92,10 @@ def _worker(out_path: str, checkpoint_dir: str) -> None:
     model = get_model(model_name, **config_utils.model_kwargs(config))
     schedule = optim.create_schedule("constant", base_lr=config.optimizer.lr, total_steps=STEPS)
     with sharding.use_mesh(mesh, rules):
-      tx = optim.create_optimizer(config.optimizer, schedule, train.abstract_params(model, 16))
-      abstract, specs = train.abstract_train_state(model, tx, 16)
+      tx = optim.create_optimizer(
+        config.optimizer, schedule, train_state.abstract_params(model, 16)
+      )
+      abstract, specs = train_state.abstract_train_state(model, tx, 16)
     shardings = sharding.state_shardings(specs, abstract, mesh, rules)
     return config, mesh, rules, model, tx, schedule, abstract, shardings
 
@@ -119,7 +122,7 @@ def _worker(out_path: str, checkpoint_dir: str) -> None:
     with sharding.use_mesh(mesh, rules):
       if reference is None or name == "crate/dp2_fsdp2_tp2":
         # Initialised directly in its shardings: same values on any mesh.
-        state = train.create_train_state(model, tx, 16, config.seed, shardings)
+        state = train_state.create_train_state(model, tx, 16, config.seed, shardings)
       else:
         state = jax.device_put(reference["init"], shardings)
       if reference is not None:
@@ -132,7 +135,9 @@ def _worker(out_path: str, checkpoint_dir: str) -> None:
       batch_sharding = sharding.batch_sharding(mesh, rules)
       global_batch = sharding.put_batch(batch, batch_sharding)
       result["batch_shard"] = list(global_batch["image"].addressable_shards[0].data.shape)
-      lowered = train.make_train_step(model, tx, schedule, shardings, batch_sharding).lower(
+      task = tasks.get_task(config)
+      make_step = train_state.make_train_step
+      lowered = make_step(task, model, tx, schedule, shardings, batch_sharding).lower(
         state, global_batch
       )
       result["constraints"] = lowered.as_text().count("sdy.sharding_constraint")
@@ -140,7 +145,7 @@ def _worker(out_path: str, checkpoint_dir: str) -> None:
       losses, donated = [], None
       for _ in range(STEPS):  # The same batch: the loss must fall.
         previous = state
-        state, metrics = step(state, global_batch)
+        state, metrics, _ = step(state, global_batch)
         losses.append(float(metrics.loss.compute()))
         donated = all(x.is_deleted() for x in jax.tree.leaves(previous))
       result.update(losses=losses, donated=donated, leaves=describe(state), mesh=dict(mesh.shape))
@@ -162,7 +167,7 @@ def _worker(out_path: str, checkpoint_dir: str) -> None:
   checkpointer.close()
   *_, abstract, shardings = setup("crate", RESTORE_MESH)
   restorer = checkpointing.Checkpointer(checkpoint_dir, max_to_keep=1, async_save=False)
-  restored = restorer.restore_latest(train.with_shardings(abstract, shardings))
+  restored = restorer.restore_latest(train_state.with_shardings(abstract, shardings))
   restorer.close()
   results["restore"] = {
     "step": int(restored.step),

@@ -25,11 +25,16 @@ import pytest
 
 from configs import demo
 from crate_jax import config_utils
+from crate_jax import evaluators
 from crate_jax import optim
+from crate_jax import pretrained
 from crate_jax import sharding
+from crate_jax import tasks
 from crate_jax import train
+from crate_jax import train_state
 from crate_jax.data import crate_shapes
 from crate_jax.data import pipeline
+from crate_jax.evaluators import classification
 from crate_jax.models import get_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -54,9 +59,8 @@ def tiny_config(data_dir, **overrides):
   config.input.num_threads = 1
   config.schedule.warmup_steps = 2
   config.log_every_steps = 2
-  config.eval_every_steps = 0
-  config.rate_reduction_every_steps = 0
-  config.rate_reduction_num_images = 0  # Measured (and plotted) where a test says so.
+  config.evals.eval.every_steps = 0
+  del config.evals["rate_reduction"]  # Measured (and plotted) where a test says so.
   config.checkpoint_every_steps = 4
   for key, value in overrides.items():
     *parents, name = key.split(".")
@@ -64,6 +68,11 @@ def tiny_config(data_dir, **overrides):
     for parent in parents:
       node = node[parent]
     node[name] = value
+  return config
+
+
+def with_rate_reduction(config):
+  config.evals.rate_reduction = dict(type="rate_reduction", every_steps=0, num_images=8)
   return config
 
 
@@ -78,9 +87,7 @@ def _params(workdir, step):
 
 def test_resumed_run_ends_bitwise_like_an_uninterrupted_one(data_dir, tmp_path):
   uninterrupted = tmp_path / "uninterrupted"
-  final = train.train_and_evaluate(
-    tiny_config(data_dir, rate_reduction_num_images=8), str(uninterrupted)
-  )
+  final = train.train_and_evaluate(with_rate_reduction(tiny_config(data_dir)), str(uninterrupted))
   assert int(final.step) == 8
   assert _checkpoint_steps(uninterrupted) == [4, 8]
   for name in ("config.json", "rate_reduction.png"):
@@ -101,20 +108,43 @@ def test_resumed_run_ends_bitwise_like_an_uninterrupted_one(data_dir, tmp_path):
   # total_steps=0 evaluates the latest checkpoint and redraws the plot, changing nothing else.
   (uninterrupted / "rate_reduction.png").unlink()
   evaluated = train.train_and_evaluate(
-    tiny_config(data_dir, rate_reduction_num_images=8, total_steps=0), str(uninterrupted)
+    with_rate_reduction(tiny_config(data_dir, total_steps=0)), str(uninterrupted)
   )
   jax.tree.map(np.testing.assert_array_equal, evaluated.params, expected)
   assert (uninterrupted / "rate_reduction.png").exists()
   assert _checkpoint_steps(uninterrupted) == [4, 8]
 
 
-def test_diverging_learning_rate_stops_without_saving(data_dir, tmp_path):
+@pytest.mark.parametrize(
+  "lr,message",
+  [
+    (1e30, r"diverged at step 3: its update left exploded parameters"),  # Finite, absurd.
+    (1e39, r"diverged at step 3: its update left non-finite parameters"),  # inf in float32.
+  ],
+)
+def test_a_diverged_state_is_never_saved(data_dir, tmp_path, lr, message):
+  """Steps 1-2 train normally and are saved; step 3's update explodes: nothing is saved."""
   config = tiny_config(data_dir, checkpoint_every_steps=1)
-  config.schedule.warmup_steps = 0
-  config.optimizer.lr = 1e30  # Parameters of 1e30 overflow float32 in the next forward pass.
-  with pytest.raises(train.TrainingDivergedError, match=r"diverged at step 2: loss = nan"):
+  config.schedule.name, config.schedule.warmup_steps = "constant", 0
+  config.optimizer.lr = 1e-3
+  train.train_and_evaluate(
+    tiny_config(data_dir, checkpoint_every_steps=1, total_steps=2), str(tmp_path)
+  )
+  config.optimizer.lr = lr  # Resumed from step 2 with an absurd learning rate.
+  with pytest.raises(train.TrainingDivergedError, match=message) as error:
     train.train_and_evaluate(config, str(tmp_path))
-  assert _checkpoint_steps(tmp_path) == [1]
+  assert "the latest checkpoint (step 2) is untouched" in str(error.value)
+  assert _checkpoint_steps(tmp_path) == [1, 2]
+  restored = _params(tmp_path, 2)
+  assert all(np.all(np.isfinite(x)) and np.abs(x).max() < 1e3 for x in jax.tree.leaves(restored))
+
+
+def test_non_finite_inputs_are_named_as_the_cause(data_dir, tmp_path):
+  config = tiny_config(data_dir)
+  config.input.mean = (float("inf"),) * 3
+  with pytest.raises(train.TrainingDivergedError, match="the input batch holds NaN or infinite"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists() or _checkpoint_steps(tmp_path) == []
 
 
 def test_missing_dataset_says_how_to_prepare_it(tmp_path):
@@ -126,12 +156,12 @@ def test_missing_dataset_says_how_to_prepare_it(tmp_path):
     train.train_and_evaluate(config, str(tmp_path / "workdir"))
 
 
-def _run_main(workdir, data_dir, *flags, **popen_kwargs):
+def _run_main(workdir, data_dir, *flags, model="crate", **popen_kwargs):
   command = [
     sys.executable,
     "-m",
     "crate_jax.main",
-    "--config=configs/demo.py:width=16,depth=2,heads=2,patch=4",
+    f"--config=configs/demo.py:model={model},width=16,depth=2,heads=2,patch=4",
     f"--workdir={workdir}",
     f"--config.input.dataset=crate_shapes/{TINY.name}",
     f"--config.input.data_dir={data_dir}",
@@ -140,8 +170,7 @@ def _run_main(workdir, data_dir, *flags, **popen_kwargs):
     "--config.input.eval_batch_size=32",
     "--config.schedule.warmup_steps=2",
     "--config.log_every_steps=1",
-    "--config.eval_every_steps=0",
-    "--config.rate_reduction_num_images=0",
+    "--config.evals.eval.every_steps=0",
     *flags,
   ]
   return subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True, **popen_kwargs)
@@ -174,11 +203,25 @@ def test_sigterm_saves_exits_cleanly_and_a_rerun_continues(data_dir, tmp_path):
   assert "eval/top1=" in err
 
 
-def test_main_trains_data_parallel_on_single_threaded_cpu_devices(data_dir, tmp_path):
-  run = _run_main(tmp_path, data_dir, "--cpu_devices=2", "--config.total_steps=2")
+@pytest.mark.parametrize(
+  "model,axis", [("crate", "data"), ("crate_alpha", "fsdp"), ("vit", "fsdp")]
+)
+def test_every_model_family_trains_through_main_on_a_sharded_mesh(data_dir, tmp_path, model, axis):
+  """Two single-threaded CPU devices, data parallel or with parameters sharded (FSDP)."""
+  sizes = {"data": 2, "fsdp": 1} if axis == "data" else {"data": 1, "fsdp": 2}
+  run = _run_main(
+    tmp_path,
+    data_dir,
+    "--cpu_devices=2",
+    "--config.total_steps=2",
+    f"--config.mesh.axes=(('data', {sizes['data']}), ('fsdp', {sizes['fsdp']}), ('tensor', 1))",
+    *(["--config.evals.rate_reduction.num_images=8"] if model != "vit" else []),
+    model=model,
+  )
   _, err = run.communicate(timeout=300)
   assert run.returncode == 0, err[-3000:]
-  assert re.search(r"2 devices, mesh \{'data': 2", err), err[-3000:]
+  assert f"2 devices, mesh {dict(sizes, tensor=1)}" in err, err[-3000:]
+  assert re.search(r"train/loss=\d", err) and re.search(r"eval/top1=", err), err[-3000:]
   assert _checkpoint_steps(tmp_path) == [2]
 
 
@@ -188,12 +231,12 @@ def _tiny_setup(data_dir) -> types.SimpleNamespace:
   model = get_model(config.model_name, **config_utils.model_kwargs(config))
   mesh, rules = sharding.create_mesh(config), sharding.logical_rules(config)
   schedule = optax.constant_schedule(1e-3)
-  tx = optim.create_optimizer(config.optimizer, schedule, train.abstract_params(model, 16))
+  tx = optim.create_optimizer(config.optimizer, schedule, train_state.abstract_params(model, 16))
   with sharding.use_mesh(mesh, rules):
-    abstract, specs = train.abstract_train_state(model, tx, 16)
+    abstract, specs = train_state.abstract_train_state(model, tx, 16)
     shardings = sharding.state_shardings(specs, abstract, mesh, rules)
     batch_sharding = sharding.batch_sharding(mesh, rules)
-    state = train.create_train_state(model, tx, 16, 0, shardings)
+    state = train_state.create_train_state(model, tx, 16, 0, shardings)
   return types.SimpleNamespace(
     config=config,
     model=model,
@@ -213,17 +256,17 @@ def test_gradient_accumulation_equals_the_big_batch_step(data_dir):
   with sharding.use_mesh(setup.mesh, setup.rules):
     results = []
     for accum in (1, 4):
-      step = train.make_train_step(
+      step = train_state.make_train_step(
+        tasks.get_task(setup.config),
         setup.model,
         setup.tx,
         setup.schedule,
         setup.shardings,
         setup.batch_sharding,
-        label_smoothing=0.1,
         grad_accum_steps=accum,
       )
       state = jax.tree.map(jnp.copy, setup.state)  # The step donates its input.
-      state, metrics = step(state, sharding.put_batch(batch, setup.batch_sharding))
+      state, metrics, _ = step(state, sharding.put_batch(batch, setup.batch_sharding))
       results.append((jax.device_get(state.params), jax.device_get(metrics.compute())))
   (params_1, metrics_1), (params_4, metrics_4) = results
   jax.tree.map(
@@ -237,8 +280,13 @@ def test_evaluation_counts_every_example_once_over_uneven_batches(data_dir):
   setup = _tiny_setup(data_dir)
   config, model, state = setup.config, setup.model, setup.state
   with sharding.use_mesh(setup.mesh, setup.rules):
-    evaluator = train.make_evaluator(model, setup.shardings.params, setup.batch_sharding)
-    results = train.evaluate(evaluator, state.params, config.input, setup.batch_sharding)
+    context = evaluators.Context(
+      model,
+      config.input,
+      batch_sharding=setup.batch_sharding,
+      param_shardings=setup.shardings.params,
+    )
+    results = classification.Evaluator(context).run(state.params)
   batches = list(pipeline.make_eval_iterator(config.input))
   assert [len(b["label"]) for b in batches] == [32, 32, 32]
   images = np.concatenate([b["image"][b["mask"] > 0] for b in batches])
@@ -252,21 +300,23 @@ def test_evaluation_counts_every_example_once_over_uneven_batches(data_dir):
 
 def test_pretrained_parameters_fit_a_new_head_and_resolution(data_dir):
   model = _tiny_setup(data_dir).model
-  pretrained = flax.linen.unbox(
+  source = flax.linen.unbox(
     jax.device_get(jax.jit(model.init)(jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 3)))["params"])
   )
-  target = train.abstract_params(model.clone(num_classes=7, image_size=24, scan_layers=True), 24)
-  adapted = train.adapt_pretrained(pretrained, target)
+  target = train_state.abstract_params(
+    model.clone(num_classes=7, image_size=24, scan_layers=True), 24
+  )
+  adapted = pretrained.adapt(source, target)
   assert ("head", "kernel") not in adapted and ("head", "bias") not in adapted
   assert adapted[("pos_embedding",)].shape == (1, 1 + 6 * 6, 16)
   np.testing.assert_array_equal(
-    adapted[("pos_embedding",)][:, 0], pretrained["pos_embedding"][:, 0]
+    adapted[("pos_embedding",)][:, 0], source["pos_embedding"][:, 0]
   )
   np.testing.assert_array_equal(
-    adapted[("encoder", "layers", "ista", "D")][1], pretrained["encoder"]["layer_1"]["ista"]["D"]
+    adapted[("encoder", "layers", "ista", "D")][1], source["encoder"]["layer_1"]["ista"]["D"]
   )
   with pytest.raises(ValueError, match="do not fit config.model"):
-    train.adapt_pretrained(pretrained, train.abstract_params(model.clone(width=32), 16))
+    pretrained.adapt(source, train_state.abstract_params(model.clone(width=32), 16))
 
 
 @pytest.mark.parametrize(
@@ -283,4 +333,4 @@ def test_inconsistent_config_is_a_config_error_before_anything_is_written(
   config = tiny_config(data_dir, **{field: value})
   with pytest.raises(config_utils.ConfigError, match=message):
     train.train_and_evaluate(config, str(tmp_path / "run"))
-  assert not list((tmp_path / "run").iterdir())  # No config.json, event file or checkpoint.
+  assert not (tmp_path / "run").exists()  # No config.json, event file or checkpoint.

@@ -13,8 +13,6 @@ added up exactly on the host (`math.fsum`), so the averages are exact over real 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from collections.abc import Iterable
 from collections.abc import Mapping
 import functools
 import math
@@ -51,40 +49,32 @@ def eval_sums(model: nn.Module, params: Any, batch: Mapping[str, Array]) -> dict
   }
 
 
-class ClassificationEvaluator:
-  """Exact top-1, top-5 and mean cross-entropy over an iterable of padded batches.
+def summarize(per_batch: list[Mapping[str, Any]]) -> dict[str, float]:
+  """Averages the sums of `eval_sums` over all batches; raises if there are no real examples."""
+  total = lambda name: math.fsum(float(sums[name]) for sums in per_batch)
+  n = total("num_examples")
+  if not n:
+    raise ValueError("The evaluation batches hold no real examples (all masks are 0).")
+  return {
+    "top1": total("correct_top1") / n,
+    "top5": total("correct_top5") / n,
+    "loss": total("loss") / n,
+    "num_examples": int(n),
+  }
 
-  evaluator = ClassificationEvaluator(model)
-  metrics = evaluator.run(params, eval_batches)  # {"top1", "top5", "loss", "num_examples"}
+
+class Evaluator:
+  """Exact top-1, top-5 and mean cross-entropy over the evaluation split.
+
+  In a notebook, on one device: `Evaluator(evaluators.Context(model, config.input))`.
   """
 
-  def __init__(
-    self, model: nn.Module, *, jit: Callable[[Callable[..., Any]], Callable[..., Any]] = jax.jit
-  ):
-    """Builds the evaluator.
+  def __init__(self, context: Any):
+    self._context = context
+    self._step = context.jit(functools.partial(eval_sums, context.model))
 
-    Args:
-      model: a classifier whose `apply({"params": p}, images)` returns `(logits, out)`.
-      jit: compiles `step(params, batch) -> sums`; pass e.g.
-        `functools.partial(jax.jit, in_shardings=(param_shardings, batch_sharding))` to run
-        on sharded parameters and batches.
-    """
-    self._step = jit(functools.partial(eval_sums, model))
-
-  def run(self, params: Any, batches: Iterable[Mapping[str, Any]]) -> dict[str, float]:
-    """Averages over the real examples of all `batches`; raises if there are none."""
+  def run(self, params: Any, step: int | None = None) -> dict[str, float]:
+    del step
     # All steps are dispatched before the first result is fetched.
-    per_batch = jax.device_get([self._step(params, batch) for batch in batches])
-    total = lambda name: math.fsum(float(sums[name]) for sums in per_batch)
-    n = total("num_examples")
-    if not n:
-      raise ValueError("The evaluation batches hold no real examples (all masks are 0).")
-    return {
-      "top1": total("correct_top1") / n,
-      "top5": total("correct_top5") / n,
-      "loss": total("loss") / n,
-      "num_examples": int(n),
-    }
-
-
-Evaluator = ClassificationEvaluator
+    batches = self._context.eval_batches()
+    return summarize(jax.device_get([self._step(params, batch) for batch in batches]))

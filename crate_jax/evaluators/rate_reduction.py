@@ -23,9 +23,10 @@ mean and its (population) standard deviation.
 In CRATE-alpha, `Z^{l+1}` adds a residual to the sparse code, so its `nonzero_fraction`
 is close to 1 and does not measure the codes' sparsity.
 
-`RateReductionEvaluator.run` returns flat scalars named `{prefix}/{quantity}/layer_{l:02d}`
-(means) and `{prefix}/{quantity}_std/layer_{l:02d}`: TensorBoard shows one section `prefix`
-with a chart per quantity and layer, and `write_tensorboard_layout` adds a Custom Scalars
+`LayerwiseRateReduction.run` returns flat scalars named `{quantity}/layer_{l:02d}` (means)
+and `{quantity}_std/layer_{l:02d}`; as an evaluator they are prefixed with the entry name
+(`rate_reduction/...`): TensorBoard shows one section per entry with a chart per quantity and
+layer, and `write_tensorboard_layout` adds a Custom Scalars
 chart per quantity with one line per layer. `plot_layerwise` draws the papers' figures.
 """
 
@@ -54,6 +55,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import metadata as custom_scalar_metadata
 
 from crate_jax import ops
+from crate_jax import xla_cpu
 
 if TYPE_CHECKING:
   from crate_jax import writers
@@ -143,18 +145,18 @@ def layer_statistics(per_image: Mapping[str, Any]) -> dict[str, LayerStats]:
   return stats
 
 
-def metric_name(quantity: str, layer: int, prefix: str = PREFIX) -> str:
-  """`rate_reduction/compression_published/layer_01` for the first layer (`layer` counts from 1)."""
-  return f"{prefix}/{quantity}/layer_{layer:02d}"
+def metric_name(quantity: str, layer: int) -> str:
+  """`compression_published/layer_01` for the first layer (`layer` counts from 1)."""
+  return f"{quantity}/layer_{layer:02d}"
 
 
-def flat_scalars(stats: Mapping[str, LayerStats], prefix: str = PREFIX) -> dict[str, float]:
+def flat_scalars(stats: Mapping[str, LayerStats]) -> dict[str, float]:
   """Per-layer means named `metric_name(q, l)`, standard deviations `metric_name(q + "_std", l)`."""
   scalars = {}
   for quantity, (mean, std) in stats.items():
     for layer, (m, s) in enumerate(zip(mean, std), start=1):
-      scalars[metric_name(quantity, layer, prefix)] = float(m)
-      scalars[metric_name(f"{quantity}_std", layer, prefix)] = float(s)
+      scalars[metric_name(quantity, layer)] = float(m)
+      scalars[metric_name(f"{quantity}_std", layer)] = float(s)
   return scalars
 
 
@@ -165,14 +167,14 @@ def _per_image(
   return layerwise_rate_reduction(out["intermediates"], subspaces(params), eps=eps, lam=lam)
 
 
-class RateReductionEvaluator:
+class LayerwiseRateReduction:
   """Measures the module doc's quantities on a fixed set of images.
 
   Usage, every few thousand steps of training:
 
-    evaluator = RateReductionEvaluator(model, images)
-    writer.write_scalars(step, evaluator.run(params, step=step))
-    evaluator.plot("layerwise.png")  # One curve per evaluated step.
+    measure = LayerwiseRateReduction(model, images)
+    writer.write_scalars(step, measure.run(params, step=step))
+    measure.plot("layerwise.png")  # One curve per evaluated step.
 
   Attributes:
     history: `{step: {quantity: LayerStats}}` of the `run` calls given a step.
@@ -186,7 +188,6 @@ class RateReductionEvaluator:
     eps: float = 0.5,
     lam: float | None = None,
     batch_size: int | None = None,
-    prefix: str = PREFIX,
     jit: Callable[[Callable[..., Any]], Callable[..., Any]] = jax.jit,
   ):
     """Builds the evaluator.
@@ -197,13 +198,11 @@ class RateReductionEvaluator:
       eps: precision of the plain coding rates.
       lam: sparsity weight of the objective; the model's `lam` by default.
       batch_size: images per forward pass (all M at once by default).
-      prefix: the first component of the metric names.
       jit: wraps the measurement `f(params, images) -> {quantity: (L, B)}`; pass e.g.
         `functools.partial(jax.jit, in_shardings=...)` for sharded parameters.
     """
     self._images = np.asarray(images)
     self._batch_size = batch_size or len(self._images)
-    self._prefix = prefix
     lam = model.lam if lam is None else lam
     self._measure = jit(functools.partial(_per_image, model, eps, lam))
     self.history: dict[int, dict[str, LayerStats]] = {}
@@ -224,7 +223,7 @@ class RateReductionEvaluator:
     stats = self.layer_stats(params)
     if step is not None:
       self.history[step] = stats
-    return flat_scalars(stats, self._prefix)
+    return flat_scalars(stats)
 
   def plot(
     self,
@@ -236,6 +235,49 @@ class RateReductionEvaluator:
     """`plot_layerwise` of `history`, one curve per recorded step."""
     curves = {f"step {step}": stats for step, stats in sorted(self.history.items())}
     return plot_layerwise(curves, path, title=title, quantities=quantities)
+
+
+class Evaluator:
+  """The layer-wise measurements on the first `num_images` evaluation images, as an evaluator.
+
+  Every run also redraws `<entry name>.png` in the workdir: the papers' layer-wise figure
+  with one curve per evaluated step.
+  """
+
+  def __init__(
+    self,
+    context: Any,
+    *,
+    num_images: int = 64,
+    batch_size: int | None = None,
+    eps: float = 0.5,
+    lam: float | None = None,
+  ):
+    if num_images < 1:
+      raise ValueError(f"rate_reduction needs num_images >= 1, got {num_images}.")
+    self._context = context
+    self._measure = LayerwiseRateReduction(
+      context.model,
+      context.fixed_images(num_images),
+      eps=eps,
+      lam=lam,
+      batch_size=batch_size,
+      jit=xla_cpu.eager_on_cpu(),
+    )
+    if context.writer is not None and context.is_main:
+      write_tensorboard_layout(context.writer, prefix=context.name)
+
+  @staticmethod
+  def supports(model_cls: type) -> bool:
+    return model_cls.HAS_SUBSPACES
+
+  def run(self, params: Any, step: int) -> dict[str, float]:
+    scalars = self._measure.run(params, step=step)
+    if self._context.workdir is not None and self._context.is_main:
+      self._measure.plot(
+        self._context.workdir / f"{self._context.name}.png", title=self._context.model.FAMILY
+      )
+    return scalars
 
 
 def plot_layerwise(
@@ -297,7 +339,7 @@ def write_tensorboard_layout(
 ) -> None:
   """Writes a TensorBoard Custom Scalars layout: per quantity one chart, one line per layer.
 
-  Write it once per log directory; it applies to the scalars of `RateReductionEvaluator.run`.
+  Write it once per log directory; it applies to the scalars of the evaluator `prefix` names.
   """
   charts = [
     layout_pb2.Chart(
@@ -315,6 +357,3 @@ def write_tensorboard_layout(
     {tag: np.array(layout.SerializeToString(), dtype=object)},
     metadata={tag: custom_scalar_metadata.create_summary_metadata()},
   )
-
-
-Evaluator = RateReductionEvaluator

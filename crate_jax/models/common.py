@@ -12,8 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from collections.abc import Sequence
 import dataclasses
+import math
 import re
 from typing import Any
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -78,6 +80,126 @@ def resolve_dims(
   dims["dim_head"] = dim_head or dims["width"] // dims["heads"]
   dims["patch_size"] = pair(patch_size or patch or 16)
   return dims
+
+
+class ModelBase(nn.Module):
+  """The fields and methods every model family shares (a family subclasses it).
+
+  Sizes come from `variant` ("B/16": size B of the family's `VARIANTS`, patch 16), and
+  explicit `width`, `depth`, `heads`, `dim_head`, `patch_size` override it. `image_size` is
+  the resolution the position embedding is learned at (other input sizes are served by
+  resampling it). `scan_layers` / `remat_policy` are memory options (see `LayerStack`);
+  `dtype` is the compute dtype (parameters stay float32).
+
+  Class attributes a family sets: `FAMILY` (its name in messages), `VARIANTS` (its size
+  table), `HAS_SUBSPACES` (whether its layers hold MSSA subspaces `mssa/proj` that the
+  rate-reduction measurements read) and `RNG_STREAMS` (the random streams `apply` draws
+  from in training, e.g. masking).
+  """
+
+  FAMILY: ClassVar[str] = "model"
+  VARIANTS: ClassVar[dict[str, Size]] = {}
+  HAS_SUBSPACES: ClassVar[bool] = False
+  RNG_STREAMS: ClassVar[tuple[str, ...]] = ()
+
+  variant: str | None = None
+  width: int | None = None
+  depth: int | None = None
+  heads: int | None = None
+  dim_head: int | None = None
+  patch_size: Sequence[int] | None = None
+  image_size: Sequence[int] = (224, 224)
+  scan_layers: bool = False
+  remat_policy: str = "none"
+  dtype: Any = jnp.float32
+
+  def dims(self) -> dict[str, Any]:
+    """Resolved sizes: width, depth, heads, dim_head, patch_size."""
+    return resolve_dims(
+      self.FAMILY,
+      self.VARIANTS,
+      self.variant,
+      width=self.width,
+      depth=self.depth,
+      heads=self.heads,
+      dim_head=self.dim_head,
+      patch_size=self.patch_size,
+    )
+
+  def num_patches(self, image_size: Sequence[int] | None = None) -> int:
+    gh, gw = grid_size(image_size or self.image_size, self.dims()["patch_size"])
+    return gh * gw
+
+  def forward_flops(self, batch_size: int, image_size: Sequence[int] | None = None) -> float:
+    """FLOPs of the forward pass's matmuls on `batch_size` images (multiply-add = 2)."""
+    raise NotImplementedError(f"{type(self).__name__} does not count its FLOPs.")
+
+  def check_images(self, images: Array) -> None:
+    """Raises a one-line ValueError unless `images` is a float NHWC batch of RGB images."""
+    shape = tuple(images.shape)
+    if len(shape) != 4:
+      hint = " (a single image: add a batch axis, images[None])" if len(shape) == 3 else ""
+      raise ValueError(
+        f"{self.FAMILY} takes a batch of NHWC images (B, H, W, 3); got {shape}{hint}."
+      )
+    if shape[-1] != 3:
+      hint = (
+        "; this looks like NCHW: transpose with images.transpose(0, 2, 3, 1)"
+        if shape[1] == 3
+        else "; convert grayscale or RGBA images to RGB"
+      )
+      raise ValueError(f"{self.FAMILY} takes RGB images with 3 channels last; got {shape}{hint}.")
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+      raise ValueError(
+        f"{self.FAMILY} takes normalised float images; got {images.dtype}: scale to [0, 1] and "
+        "normalise as the training input pipeline does (input.mean, input.std)."
+      )
+    grid_size(shape[1:3], self.dims()["patch_size"])
+
+
+class ClassifierBase(ModelBase):
+  """A model that ends in a classifier: `num_classes` outputs (0: the pooled features)."""
+
+  num_classes: int = 1000
+  pool: str = "cls"  # 'cls' token or 'mean' over all tokens (CLS included).
+
+
+def transformer_flops(
+  model: ModelBase,
+  batch_size: int,
+  image_size: Sequence[int] | None,
+  *,
+  per_token: int,
+  stem_per_patch: int,
+  per_batch: int = 0,
+  head: int = 0,
+) -> float:
+  """Matmul FLOPs of a patch-token transformer's forward pass (multiply-add = 2).
+
+  Args:
+    model: sizes (`dims()`) and geometry.
+    batch_size: images.
+    image_size: input size (default: the model's).
+    per_token: multiply-adds of one layer's token-by-weight products for one token.
+    stem_per_patch: multiply-adds of the patch embedding per patch.
+    per_batch: multiply-adds on weights alone, once per forward pass.
+    head: multiply-adds after the layers, per image.
+  """
+  dims = model.dims()
+  patches = model.num_patches(image_size)
+  tokens = patches + 1
+  inner = dims["heads"] * dims["dim_head"]
+  attention = 2 * tokens**2 * inner  # Logits and the weighted sum.
+  per_image = patches * stem_per_patch + dims["depth"] * (tokens * per_token + attention) + head
+  return 2.0 * (batch_size * per_image + per_batch)
+
+
+def square_side(n: int, what: str = "Number of patch tokens") -> int:
+  """The side of a square of `n` (a patch grid, a patch): ValueError when `n` is not one."""
+  side = math.isqrt(n)
+  if side * side != n:
+    raise ValueError(f"{what} ({n}) is not a square")
+  return side
 
 
 def grid_size(image_size: Sequence[int], patch_size: Sequence[int]) -> tuple[int, int]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 import functools
 from typing import Any
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -156,63 +157,46 @@ class Layer(nn.Module):
     return z_full, inter
 
 
-class Model(nn.Module):
+class Model(common.ClassifierBase):
   """CRATE classifier. `variant="B/16"` sets width, depth, heads and patch size.
 
-  Attributes:
-    num_classes: classifier outputs; 0 returns the pooled features as logits.
-    variant: size and patch, e.g. "T/16", "B/8", "S/16x8". Explicit fields override it.
-    image_size: the resolution the position embedding is learned at; other input sizes
-      are served by resampling it on the fly (bicubic).
-    dim_head: head width p (default width // heads); heads * dim_head need not equal width.
-    pool: 'cls' or 'mean' (over all tokens, CLS included, as the published code).
-    mssa_form: 'published' or 'paper' (output tied to U, no scale, step size kappa).
-    scan_layers / remat_policy: memory options (see `common.LayerStack`).
-    dtype: compute dtype (e.g. bfloat16); parameters stay float32.
+  Fields beyond `common.ModelBase` / `common.ClassifierBase`:
+    eta, lam: the ISTA step size and sparsity weight (0.1 and 0.1 in the published code).
+    mssa_form: 'published' or 'paper' (output tied to U, no scale, step size kappa with
+      coding precision eps).
+    layer_norm_eps: 1e-5 as in the published code.
   """
 
-  num_classes: int = 1000
-  variant: str | None = None
-  width: int | None = None
-  depth: int | None = None
-  heads: int | None = None
-  dim_head: int | None = None
-  patch_size: Sequence[int] | None = None
-  image_size: Sequence[int] = (224, 224)
-  pool: str = "cls"
+  FAMILY: ClassVar[str] = "CRATE"
+  VARIANTS: ClassVar[dict[str, common.Size]] = VARIANTS
+  HAS_SUBSPACES: ClassVar[bool] = True
+
   eta: float = 0.1
   lam: float = 0.1
   mssa_form: str = "published"
   kappa: float = 1.0
   eps: float = 0.5
   layer_norm_eps: float = 1e-5
-  scan_layers: bool = False
-  remat_policy: str = "none"
-  dtype: Any = jnp.float32
 
-  def dims(self) -> dict[str, Any]:
-    """Resolved sizes: width, depth, heads, dim_head, patch_size."""
-    size, patch = (
-      common.parse_variant(self.variant, VARIANTS) if self.variant else (common.Size(0, 0, 0), None)
+  def forward_flops(self, batch_size: int, image_size: Sequence[int] | None = None) -> float:
+    d, inner = self.dims()["width"], self.dims()["heads"] * self.dims()["dim_head"]
+    p1, p2 = self.dims()["patch_size"]
+    return common.transformer_flops(
+      self,
+      batch_size,
+      image_size,
+      per_token=2 * d * inner + d * d,  # U and O; the folded ISTA step x (D - D^T D).
+      stem_per_patch=3 * p1 * p2 * d,
+      per_batch=self.dims()["depth"] * d**3,  # D^T D, once per layer (ops.crate_ista).
+      head=d * self.num_classes,
     )
-    width = self.width or size.width
-    heads = self.heads or size.heads
-    dims = dict(
-      width=width,
-      depth=self.depth or size.depth,
-      heads=heads,
-      patch_size=common.pair(self.patch_size or patch or 16),
-    )
-    if not (width and dims["depth"] and heads):
-      raise ValueError("CRATE needs a `variant` (e.g. 'B/16') or width, depth and heads.")
-    dims["dim_head"] = self.dim_head or width // heads
-    return dims
 
   @nn.compact
   def __call__(
     self, images: Array, *, train: bool = False, return_intermediates: bool = False
   ) -> tuple[Array, dict[str, Any]]:
     del train  # No dropout or batch statistics in CRATE.
+    self.check_images(images)
     dims = self.dims()
     width, patch = dims["width"], dims["patch_size"]
 

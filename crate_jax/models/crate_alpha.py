@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 import functools
 from typing import Any
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -88,37 +89,35 @@ class Layer(nn.Module):
     return z_full, inter
 
 
-class Model(nn.Module):
-  """CRATE-alpha classifier; `variant="B/16"` sets the sizes (see `crate.Model` for fields)."""
+class Model(common.ClassifierBase):
+  """CRATE-alpha classifier; `variant="B/16"` sets the sizes.
 
-  num_classes: int = 1000
-  variant: str | None = None
-  width: int | None = None
-  depth: int | None = None
-  heads: int | None = None
-  dim_head: int | None = None
-  patch_size: Sequence[int] | None = None
-  image_size: Sequence[int] = (224, 224)
-  pool: str = "cls"
+  Fields beyond `common.ClassifierBase`: `expansion` (dictionary columns m = expansion * d),
+  `eta`, `lam`, `num_ista_steps` (2 in the published block), `layer_norm_eps` (1e-6).
+  """
+
+  FAMILY: ClassVar[str] = "CRATE-alpha"
+  VARIANTS: ClassVar[dict[str, common.Size]] = VARIANTS
+  HAS_SUBSPACES: ClassVar[bool] = True
+
   expansion: int = 4
   eta: float = 0.1
   lam: float = 0.1
   num_ista_steps: int = 2
   layer_norm_eps: float = 1e-6
-  scan_layers: bool = False
-  remat_policy: str = "none"
-  dtype: Any = jnp.float32
 
-  def dims(self) -> dict[str, Any]:
-    return common.resolve_dims(
-      "CRATE-alpha",
-      VARIANTS,
-      self.variant,
-      width=self.width,
-      depth=self.depth,
-      heads=self.heads,
-      dim_head=self.dim_head,
-      patch_size=self.patch_size,
+  def forward_flops(self, batch_size: int, image_size: Sequence[int] | None = None) -> float:
+    dims = self.dims()
+    d, inner, (p1, p2) = dims["width"], dims["heads"] * dims["dim_head"], dims["patch_size"]
+    m = self.expansion * d
+    return common.transformer_flops(
+      self,
+      batch_size,
+      image_size,
+      # U and O; D once in the first ISTA step, twice in each further one; D1 once.
+      per_token=2 * d * inner + 2 * self.num_ista_steps * d * m,
+      stem_per_patch=3 * p1 * p2 * d,
+      head=d * self.num_classes,
     )
 
   @nn.compact
@@ -126,6 +125,7 @@ class Model(nn.Module):
     self, images: Array, *, train: bool = False, return_intermediates: bool = False
   ) -> tuple[Array, dict[str, Any]]:
     del train
+    self.check_images(images)
     dims = self.dims()
     x = common.ConvPatchEmbed(dims["width"], dims["patch_size"], self.dtype, name="patch_embed")(
       images

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 import functools
 from typing import Any
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -31,6 +32,34 @@ VARIANTS = {
 }
 
 
+class Projection(nn.Module):
+  """`x @ kernel + bias` over the last `contract` axes of `x`, the kernel created in its
+  full shape `in_shape + features` so that every axis carries its logical name."""
+
+  features: tuple[int, ...]
+  axes: tuple[str, ...]  # Logical names of the kernel's axes (input axes, then `features`).
+  contract: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    in_axes = tuple(range(self.contract))
+    out_axes = tuple(range(self.contract, self.contract + len(self.features)))
+    init = nn.initializers.xavier_uniform(in_axis=in_axes, out_axis=out_axes)
+    kernel = self.param(
+      "kernel",
+      common.param_with_axes(init, self.axes),
+      tuple(x.shape[-self.contract :]) + tuple(self.features),
+    )
+    bias = self.param(
+      "bias",
+      common.param_with_axes(nn.initializers.zeros, self.axes[self.contract :]),
+      tuple(self.features),
+    )
+    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.contract)
+    return y + bias.astype(self.dtype)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with separate query, key and value projections."""
 
@@ -41,29 +70,16 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> tuple[Array, Array, Array]:
     d = x.shape[-1]
-    proj = functools.partial(
-      nn.DenseGeneral,
-      features=(self.heads, self.dim_head),
-      dtype=self.dtype,
-      kernel_init=common.param_with_axes(
-        nn.initializers.xavier_uniform(), ("embed", "heads", "head_dim")
-      ),
-      bias_init=common.param_with_axes(nn.initializers.zeros, ("heads", "head_dim")),
+    q, k, v = (
+      Projection(
+        (self.heads, self.dim_head), ("embed", "heads", "head_dim"), 1, self.dtype, name=name
+      )(x)
+      for name in ("query", "key", "value")
     )
-    q, k, v = (proj(name=name)(x) for name in ("query", "key", "value"))
     logits = jnp.einsum("...qkp,...skp->...kqs", q, k) * self.dim_head**-0.5
     attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
     heads = jnp.einsum("...kqs,...skp->...qkp", attn, v)
-    out = nn.DenseGeneral(
-      d,
-      axis=(-2, -1),
-      dtype=self.dtype,
-      name="out",
-      kernel_init=common.param_with_axes(
-        nn.initializers.xavier_uniform(), ("heads", "head_dim", "embed")
-      ),
-      bias_init=common.param_with_axes(nn.initializers.zeros, ("embed",)),
-    )(heads)
+    out = Projection((d,), ("heads", "head_dim", "embed"), 2, self.dtype, name="out")(heads)
     return out, k, attn
 
 
@@ -90,34 +106,25 @@ class Layer(nn.Module):
     return z_full, inter
 
 
-class Model(nn.Module):
-  """ViT classifier; `variant="S/16"` sets the sizes (fields as in `crate.Model`)."""
+class Model(common.ClassifierBase):
+  """ViT classifier; `variant="S/16"` sets the sizes. Adds `mlp_ratio` and `layer_norm_eps`."""
 
-  num_classes: int = 1000
-  variant: str | None = None
-  width: int | None = None
-  depth: int | None = None
-  heads: int | None = None
-  dim_head: int | None = None
-  patch_size: Sequence[int] | None = None
-  image_size: Sequence[int] = (224, 224)
-  pool: str = "cls"
+  FAMILY: ClassVar[str] = "ViT"
+  VARIANTS: ClassVar[dict[str, common.Size]] = VARIANTS
+
   mlp_ratio: int = 4
   layer_norm_eps: float = 1e-6
-  scan_layers: bool = False
-  remat_policy: str = "none"
-  dtype: Any = jnp.float32
 
-  def dims(self) -> dict[str, Any]:
-    return common.resolve_dims(
-      "ViT",
-      VARIANTS,
-      self.variant,
-      width=self.width,
-      depth=self.depth,
-      heads=self.heads,
-      dim_head=self.dim_head,
-      patch_size=self.patch_size,
+  def forward_flops(self, batch_size: int, image_size: Sequence[int] | None = None) -> float:
+    dims = self.dims()
+    d, inner, (p1, p2) = dims["width"], dims["heads"] * dims["dim_head"], dims["patch_size"]
+    return common.transformer_flops(
+      self,
+      batch_size,
+      image_size,
+      per_token=4 * d * inner + 2 * self.mlp_ratio * d * d,  # Q, K, V, out; the MLP.
+      stem_per_patch=3 * p1 * p2 * d,
+      head=d * self.num_classes,
     )
 
   @nn.compact
@@ -125,6 +132,7 @@ class Model(nn.Module):
     self, images: Array, *, train: bool = False, return_intermediates: bool = False
   ) -> tuple[Array, dict[str, Any]]:
     del train
+    self.check_images(images)
     dims = self.dims()
     x = common.ConvPatchEmbed(dims["width"], dims["patch_size"], self.dtype, name="patch_embed")(
       images

@@ -1,4 +1,7 @@
-"""crate_jax.host_devices: a CPU host as several single-threaded devices, data parallel."""
+"""crate_jax.xla_cpu's process settings: reused step buffers; single-threaded CPU devices.
+
+The attention kernel is tested in tests/test_ops.py.
+"""
 
 import json
 import os
@@ -10,19 +13,64 @@ import jax
 import numpy as np
 import pytest
 
-from crate_jax import host_devices
+from crate_jax import xla_cpu
 
 _REPO = Path(__file__).resolve().parents[1]
+
+# What XLA:CPU does every step, on a worker thread: allocate a 64 MiB block, write it, free
+# it. Prints the minor page faults of the second such step.
+_STEP_FAULTS = """
+import ctypes, ctypes.util, resource, sys, threading
+from crate_jax import xla_cpu
+if sys.argv[1] == "reuse":
+  assert xla_cpu.reuse_freed_memory()
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+faults = []
+
+def step():
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  block = libc.malloc(64 << 20)
+  ctypes.memset(block, 1, 64 << 20)
+  libc.free(block)
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+
+for _ in range(2):
+  worker = threading.Thread(target=step)
+  worker.start()
+  worker.join()
+print(faults[-1])
+"""
+
+
+def _faults_in_second_step(mode: str) -> int:
+  out = subprocess.run(
+    [sys.executable, "-c", _STEP_FAULTS, mode],
+    cwd=_REPO,
+    check=True,
+    capture_output=True,
+    text=True,
+  )
+  return int(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(xla_cpu._glibc() is None, reason="needs glibc")
+def test_reuse_freed_memory_stops_refaulting_step_buffers():
+  pages = (64 << 20) // 4096
+  assert _faults_in_second_step("default") > 0.9 * pages  # glibc maps the block afresh.
+  assert _faults_in_second_step("reuse") < 0.01 * pages  # The first step's pages, reused.
+
 
 # Computes the loss and gradients of a tiny CRATE on the devices the argument asks for and
 # prints the device count, XLA_FLAGS and the result; the parent compares two such runs.
 _GRADS = """
 import json, sys
 import numpy as np
-from crate_jax import host_devices
+from crate_jax import xla_cpu
 count = int(sys.argv[1])
 if count:
-  host_devices.use_cpu_devices(count)
+  xla_cpu.use_cpu_devices(count)
 import jax, jax.numpy as jnp, os
 from jax.sharding import NamedSharding, PartitionSpec as P
 from crate_jax.models import crate
@@ -64,6 +112,6 @@ def test_two_single_threaded_devices_compute_the_one_device_gradients():
 def test_too_late_or_invalid_counts_are_clear_errors():
   jax.numpy.zeros(1).block_until_ready()  # Backends are up from here on.
   with pytest.raises(RuntimeError, match="before the first JAX computation"):
-    host_devices.use_cpu_devices(jax.device_count() + 1)
+    xla_cpu.use_cpu_devices(jax.device_count() + 1)
   with pytest.raises(ValueError, match="must be >= 1"):
-    host_devices.use_cpu_devices(0)
+    xla_cpu.use_cpu_devices(0)
