@@ -112,6 +112,7 @@ class ModelBase(nn.Module):
   scan_layers: bool = False
   remat_policy: str = "none"
   dtype: Any = jnp.float32
+  layer_norm_eps: float = 1e-6
 
   def dims(self) -> dict[str, Any]:
     """Resolved sizes: width, depth, heads, dim_head, patch_size."""
@@ -158,10 +159,61 @@ class ModelBase(nn.Module):
 
 
 class ClassifierBase(ModelBase):
-  """A model that ends in a classifier: `num_classes` outputs (0: the pooled features)."""
+  """A transformer classifier: tokens (`embed`), `depth` layers (`layer`), then `head`.
+
+  `apply(variables, images_nhwc, return_intermediates=False)` returns `(logits, out)`
+  (`num_classes=0`: the pooled features) with `out["pre_logits"]` and, when asked for,
+  `out["intermediates"]`: per layer, stacked, `z_half`, `z_full` (B, T, d), `head_proj`
+  (B, T, K, p) and `attn` (B, K, T, T). A family defines `layer()` and, where it differs
+  from the default below, `embed()` and `head()`.
+  """
 
   num_classes: int = 1000
   pool: str = "cls"  # 'cls' token or 'mean' over all tokens (CLS included).
+
+  def layer(self) -> Callable[..., nn.Module]:
+    """The family's layer, with its fields bound (see `LayerStack`)."""
+    raise NotImplementedError
+
+  def embed(self, images: Array) -> Array:
+    """Tokens `(B, 1 + h*w, d)`: a linear (convolutional) patch stem, CLS and positions."""
+    dims = self.dims()
+    x = ConvPatchEmbed(dims["width"], dims["patch_size"], self.dtype, name="patch_embed")(images)
+    return add_cls_and_posemb(
+      self,
+      x,
+      image_size=self.image_size,
+      patch_size=dims["patch_size"],
+      input_hw=images.shape[1:3],
+      dtype=self.dtype,
+      init_std=0.02,
+    )
+
+  def head(self, x: Array, intermediates: dict[str, Array] | None) -> tuple[Array, dict]:
+    """A LayerNorm on all tokens (`encoder_norm`), pooling and a Xavier-initialised `head`."""
+    x = layer_norm(self.layer_norm_eps, self.dtype, "encoder_norm")(x)
+    return classifier_head(
+      self,
+      x,
+      pool=self.pool,
+      num_classes=self.num_classes,
+      dtype=self.dtype,
+      torch_init=False,
+      intermediates=intermediates,
+    )
+
+  @nn.compact
+  def __call__(
+    self, images: Array, *, train: bool = False, return_intermediates: bool = False
+  ) -> tuple[Array, dict[str, Any]]:
+    del train  # No dropout or batch statistics.
+    self.check_images(images)
+    x = self.embed(images)
+    stack = LayerStack(
+      self.layer(), self.dims()["depth"], self.scan_layers, self.remat_policy, name="encoder"
+    )
+    x, intermediates = stack(x, return_intermediates)
+    return self.head(x, intermediates if return_intermediates else None)
 
 
 def transformer_flops(

@@ -191,26 +191,24 @@ class Model(common.ClassifierBase):
       head=d * self.num_classes,
     )
 
-  @nn.compact
-  def __call__(
-    self, images: Array, *, train: bool = False, return_intermediates: bool = False
-  ) -> tuple[Array, dict[str, Any]]:
-    del train  # No dropout or batch statistics in CRATE.
-    self.check_images(images)
+  def embed(self, images: Array) -> Array:
+    """Patches -> LayerNorm -> Linear -> LayerNorm, CLS token, positions (N(0, 1) init)."""
     dims = self.dims()
-    width, patch = dims["width"], dims["patch_size"]
-
-    x = PatchEmbed(width, patch, self.layer_norm_eps, self.dtype, name="patch_embed")(images)
-    x = common.add_cls_and_posemb(
+    x = PatchEmbed(
+      dims["width"], dims["patch_size"], self.layer_norm_eps, self.dtype, name="patch_embed"
+    )(images)
+    return common.add_cls_and_posemb(
       self,
       x,
       image_size=self.image_size,
-      patch_size=patch,
+      patch_size=dims["patch_size"],
       input_hw=images.shape[1:3],
       dtype=self.dtype,
     )
 
-    layer = functools.partial(
+  def layer(self):
+    dims = self.dims()
+    return functools.partial(
       Layer,
       heads=dims["heads"],
       dim_head=dims["dim_head"],
@@ -222,10 +220,9 @@ class Model(common.ClassifierBase):
       layer_norm_eps=self.layer_norm_eps,
       dtype=self.dtype,
     )
-    x, intermediates = common.LayerStack(
-      layer, dims["depth"], self.scan_layers, self.remat_policy, name="encoder"
-    )(x, return_intermediates)
 
+  def head(self, x: Array, intermediates: dict[str, Array] | None) -> tuple[Array, dict]:
+    """No final norm on the tokens; pooling, `head_norm`, a PyTorch-initialised `head`."""
     return common.classifier_head(
       self,
       x,
@@ -233,6 +230,6 @@ class Model(common.ClassifierBase):
       num_classes=self.num_classes,
       dtype=self.dtype,
       torch_init=True,
-      intermediates=intermediates if return_intermediates else None,
+      intermediates=intermediates,
       head_norm_eps=self.layer_norm_eps,
     )

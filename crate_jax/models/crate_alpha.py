@@ -104,7 +104,6 @@ class Model(common.ClassifierBase):
   eta: float = 0.1
   lam: float = 0.1
   num_ista_steps: int = 2
-  layer_norm_eps: float = 1e-6
 
   def forward_flops(self, batch_size: int, image_size: Sequence[int] | None = None) -> float:
     dims = self.dims()
@@ -120,26 +119,9 @@ class Model(common.ClassifierBase):
       head=d * self.num_classes,
     )
 
-  @nn.compact
-  def __call__(
-    self, images: Array, *, train: bool = False, return_intermediates: bool = False
-  ) -> tuple[Array, dict[str, Any]]:
-    del train
-    self.check_images(images)
+  def layer(self):
     dims = self.dims()
-    x = common.ConvPatchEmbed(dims["width"], dims["patch_size"], self.dtype, name="patch_embed")(
-      images
-    )
-    x = common.add_cls_and_posemb(
-      self,
-      x,
-      image_size=self.image_size,
-      patch_size=dims["patch_size"],
-      input_hw=images.shape[1:3],
-      dtype=self.dtype,
-      init_std=0.02,
-    )
-    layer = functools.partial(
+    return functools.partial(
       Layer,
       heads=dims["heads"],
       dim_head=dims["dim_head"],
@@ -149,17 +131,4 @@ class Model(common.ClassifierBase):
       num_ista_steps=self.num_ista_steps,
       layer_norm_eps=self.layer_norm_eps,
       dtype=self.dtype,
-    )
-    x, intermediates = common.LayerStack(
-      layer, dims["depth"], self.scan_layers, self.remat_policy, name="encoder"
-    )(x, return_intermediates)
-    x = common.layer_norm(self.layer_norm_eps, self.dtype, "encoder_norm")(x)
-    return common.classifier_head(
-      self,
-      x,
-      pool=self.pool,
-      num_classes=self.num_classes,
-      dtype=self.dtype,
-      torch_init=False,
-      intermediates=intermediates if return_intermediates else None,
     )
