@@ -10,6 +10,7 @@ from crate_jax import config_utils
 from crate_jax import models
 from crate_jax import tasks
 
+
 def base(
   model_name: str, *, task: str = "classification", **model_fields
 ) -> ml_collections.ConfigDict:

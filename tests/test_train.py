@@ -309,9 +309,7 @@ def test_pretrained_parameters_fit_a_new_head_and_resolution(data_dir):
   adapted = pretrained.adapt(source, target)
   assert ("head", "kernel") not in adapted and ("head", "bias") not in adapted
   assert adapted[("pos_embedding",)].shape == (1, 1 + 6 * 6, 16)
-  np.testing.assert_array_equal(
-    adapted[("pos_embedding",)][:, 0], source["pos_embedding"][:, 0]
-  )
+  np.testing.assert_array_equal(adapted[("pos_embedding",)][:, 0], source["pos_embedding"][:, 0])
   np.testing.assert_array_equal(
     adapted[("encoder", "layers", "ista", "D")][1], source["encoder"]["layer_1"]["ista"]["D"]
   )

@@ -14,15 +14,19 @@ config entry: the loop does not change.
 
   classification   top-1, top-5 and cross-entropy over the evaluation split.
   rate_reduction   the layer-wise rate-reduction measurements (models with MSSA layers).
+  linear_probe     top-1 of linear classifiers fitted on frozen CLS / mean-pooled features.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
+from collections.abc import Iterator
+from collections.abc import Mapping
 import dataclasses
 import importlib
 import inspect
-from typing import Any, Protocol
+from typing import Any
+from typing import Protocol
 
 from etils import epath
 import flax.linen as nn
@@ -37,7 +41,7 @@ from crate_jax import writers
 from crate_jax.data import pipeline
 from crate_jax.models import common
 
-EVALUATORS = ("classification", "rate_reduction")
+EVALUATORS = ("classification", "rate_reduction", "linear_probe")
 ENTRY_FIELDS = ("type", "every_steps")  # Read by the loop; the rest are the evaluator's.
 
 
@@ -81,9 +85,14 @@ class Context:
       out_shardings=NamedSharding(self.batch_sharding.mesh, P()),
     )
 
-  def eval_batches(self, **kwargs: Any) -> Iterator[dict[str, Any]]:
-    """One pass over the evaluation split: global batches, padding rows with `mask` 0."""
-    for batch in pipeline.make_eval_iterator(self.input_config, **kwargs):
+  def eval_batches(self, split: str | None = None, **kwargs: Any) -> Iterator[dict[str, Any]]:
+    """One pass over the evaluation split (or `split`, preprocessed for evaluation): global
+    batches, padding rows with `mask` 0. `kwargs` go to `pipeline.make_eval_iterator`."""
+    config = self.input_config
+    if split is not None:
+      config = ml_collections.ConfigDict(config.to_dict())
+      config.eval_split = split
+    for batch in pipeline.make_eval_iterator(config, **kwargs):
       yield batch if self.batch_sharding is None else sharding.put_batch(batch, self.batch_sharding)
 
   def fixed_images(self, num: int) -> np.ndarray:

@@ -135,6 +135,13 @@ class ModelBase(nn.Module):
     """FLOPs of the forward pass's matmuls on `batch_size` images (multiply-add = 2)."""
     raise NotImplementedError(f"{type(self).__name__} does not count its FLOPs.")
 
+  def encode(self, images: Array, return_intermediates: bool = False) -> tuple[Array, dict]:
+    """`(tokens, out)`: the final token representations `(B, T, d)` of unmasked images (CLS
+    first) and, with `return_intermediates`, `out["intermediates"]` of the layers that
+    produced them. What probes and interpretability read:
+    `model.apply(variables, images, method="encode")`."""
+    raise NotImplementedError(f"{type(self).__name__} does not expose its tokens.")
+
   def check_images(self, images: Array) -> None:
     """Raises a one-line ValueError unless `images` is a float NHWC batch of RGB images."""
     shape = tuple(images.shape)
@@ -201,6 +208,11 @@ class ClassifierBase(ModelBase):
       torch_init=False,
       intermediates=intermediates,
     )
+
+  def encode(self, images: Array, return_intermediates: bool = False) -> tuple[Array, dict]:
+    """The tokens the head pools (after `encoder_norm` where the family has one)."""
+    _, out = self(images, return_intermediates=return_intermediates)
+    return out["tokens"], out
 
   @nn.compact
   def __call__(
@@ -363,15 +375,16 @@ def classifier_head(
 ) -> tuple[Array, dict[str, Any]]:
   """Pools the tokens ('cls' or 'mean'), optionally normalises (`head_norm`), applies `head`.
 
-  Returns the models' common `(logits, out)`: `out` holds `pre_logits` and, when given,
-  the stacked per-layer `intermediates`. `num_classes=0` returns the features as logits.
+  Returns the models' common `(logits, out)`: `out` holds the `tokens` pooled, `pre_logits`
+  and, when given, the stacked per-layer `intermediates`. `num_classes=0` returns the pooled
+  features as logits.
   """
   if pool not in ("cls", "mean"):
     raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}.")
   pre_logits = x[:, 0] if pool == "cls" else jnp.mean(x, axis=1)
   if head_norm_eps is not None:
     pre_logits = layer_norm(head_norm_eps, dtype, "head_norm")(pre_logits)
-  out: dict[str, Any] = {"pre_logits": pre_logits}
+  out: dict[str, Any] = {"tokens": x, "pre_logits": pre_logits}
   if intermediates is not None:
     out["intermediates"] = intermediates
   if not num_classes:

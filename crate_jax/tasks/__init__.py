@@ -5,7 +5,8 @@ metrics, the model fields it derives from `config.input` and its default evaluat
 `crate_jax.train` does the rest (state, sharding, compilation, the loop, checkpoints).
 `config.task` names it:
 
-  classification   softmax cross-entropy on one-hot labels (CRATE, CRATE-alpha, ViT).
+  classification        softmax cross-entropy on one-hot labels (CRATE, CRATE-alpha, ViT).
+  masked_autoencoding   masked-patch reconstruction (CRATE-MAE).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import ml_collections
 
 from crate_jax.tasks import base
 
-TASKS = ("classification",)
+TASKS = ("classification", "masked_autoencoding")
 
 
 def task_class(name: str) -> type[base.Task]:
