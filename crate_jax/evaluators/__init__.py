@@ -15,6 +15,7 @@ config entry: the loop does not change.
   classification   top-1, top-5 and cross-entropy over the evaluation split.
   rate_reduction   the layer-wise rate-reduction measurements (models with MSSA layers).
   linear_probe     top-1 of linear classifiers fitted on frozen CLS / mean-pooled features.
+  segmentation     emergent segmentation of attention maps and features against true masks.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from crate_jax import writers
 from crate_jax.data import pipeline
 from crate_jax.models import common
 
-EVALUATORS = ("classification", "rate_reduction", "linear_probe")
+EVALUATORS = ("classification", "rate_reduction", "linear_probe", "segmentation")
 ENTRY_FIELDS = ("type", "every_steps")  # Read by the loop; the rest are the evaluator's.
 
 

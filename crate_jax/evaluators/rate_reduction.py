@@ -89,17 +89,21 @@ class LayerStats(NamedTuple):
   std: np.ndarray
 
 
-def subspaces(params: Mapping[str, Any]) -> Array:
-  """The layers' subspace bases `U_l` stacked, `(L, d, K, p)`, from CRATE or CRATE-alpha params.
+# Layer stacks a model may have: (parameter collection, its intermediates in `out`).
+STACKS = (("encoder", "intermediates"), ("decoder", "decoder_intermediates"))
 
-  Reads `encoder/layer_{i}/mssa/proj` (or the stacked `encoder/layers/mssa/proj` of
+
+def subspaces(params: Mapping[str, Any], stack: str = "encoder") -> Array:
+  """The layers' subspace bases `U_l` stacked, `(L, d, K, p)`, of one layer stack.
+
+  Reads `<stack>/layer_{i}/mssa/proj` (or the stacked `<stack>/layers/mssa/proj` of
   `scan_layers` models); boxed (logically partitioned) parameters are unboxed.
   """
-  encoder = nn.unbox(params["encoder"])
-  if "layers" in encoder:
-    return encoder["layers"]["mssa"]["proj"]
-  depth = sum(name.startswith("layer_") for name in encoder)
-  return jnp.stack([encoder[f"layer_{i}"]["mssa"]["proj"] for i in range(depth)])
+  layers = nn.unbox(params[stack])
+  if "layers" in layers:
+    return layers["layers"]["mssa"]["proj"]
+  depth = sum(name.startswith("layer_") for name in layers)
+  return jnp.stack([layers[f"layer_{i}"]["mssa"]["proj"] for i in range(depth)])
 
 
 def layerwise_rate_reduction(
@@ -145,26 +149,46 @@ def layer_statistics(per_image: Mapping[str, Any]) -> dict[str, LayerStats]:
   return stats
 
 
-def metric_name(quantity: str, layer: int) -> str:
-  """`compression_published/layer_01` for the first layer (`layer` counts from 1)."""
-  return f"{quantity}/layer_{layer:02d}"
+def metric_name(quantity: str, layer: int, stack: str = "encoder") -> str:
+  """`compression_published/layer_01` for the first (encoder) layer (`layer` counts from 1);
+  `.../decoder_layer_01` for a decoder's."""
+  return f"{quantity}/{'' if stack == 'encoder' else stack + '_'}layer_{layer:02d}"
 
 
-def flat_scalars(stats: Mapping[str, LayerStats]) -> dict[str, float]:
-  """Per-layer means named `metric_name(q, l)`, standard deviations `metric_name(q + "_std", l)`."""
+def flat_scalars(
+  stats: Mapping[str, LayerStats], depths: Mapping[str, int] | None = None
+) -> dict[str, float]:
+  """Per-layer means named `metric_name(q, l)`, standard deviations `metric_name(q + "_std", l)`.
+
+  `depths` (`{stack: layers}`, in order) splits the layers of `stats` between the stacks;
+  by default they are all the encoder's.
+  """
   scalars = {}
   for quantity, (mean, std) in stats.items():
-    for layer, (m, s) in enumerate(zip(mean, std), start=1):
-      scalars[metric_name(quantity, layer)] = float(m)
-      scalars[metric_name(f"{quantity}_std", layer)] = float(s)
+    names = [
+      (stack, layer)
+      for stack, depth in (depths or {"encoder": len(mean)}).items()
+      for layer in range(1, depth + 1)
+    ]
+    for (stack, layer), m, s in zip(names, mean, std):
+      scalars[metric_name(quantity, layer, stack)] = float(m)
+      scalars[metric_name(f"{quantity}_std", layer, stack)] = float(s)
   return scalars
 
 
 def _per_image(
   model: nn.Module, eps: float, lam: float, params: Any, images: Array
 ) -> dict[str, Array]:
-  _, out = model.apply({"params": params}, images, return_intermediates=True)
-  return layerwise_rate_reduction(out["intermediates"], subspaces(params), eps=eps, lam=lam)
+  """Every stack's quantities, its layers after the previous stack's: `{q: (L + L', B)}`."""
+  # Models that draw random masks get the same ones for every measurement.
+  rngs = {stream: jax.random.PRNGKey(0) for stream in model.RNG_STREAMS}
+  _, out = model.apply({"params": params}, images, return_intermediates=True, rngs=rngs)
+  per_stack = [
+    layerwise_rate_reduction(out[key], subspaces(params, stack), eps=eps, lam=lam)
+    for stack, key in STACKS
+    if key in out
+  ]
+  return {q: jnp.concatenate([s[q] for s in per_stack]) for q in per_stack[0]}
 
 
 class LayerwiseRateReduction:
@@ -206,6 +230,11 @@ class LayerwiseRateReduction:
     lam = model.lam if lam is None else lam
     self._measure = jit(functools.partial(_per_image, model, eps, lam))
     self.history: dict[int, dict[str, LayerStats]] = {}
+    # Layers per stack, in measurement order (an encoder, and a decoder if there is one).
+    depths = {"encoder": model.dims()["depth"]}
+    if hasattr(model, "decoder_depth"):  # An autoencoder: measured through its decoder too.
+      depths["decoder"] = model.decoder_depth or model.dims()["depth"]
+    self.depths = depths
 
   def layer_stats(self, params: Any) -> dict[str, LayerStats]:
     """`{quantity: LayerStats}` over all the images."""
@@ -223,7 +252,7 @@ class LayerwiseRateReduction:
     stats = self.layer_stats(params)
     if step is not None:
       self.history[step] = stats
-    return flat_scalars(stats)
+    return flat_scalars(stats, self.depths)
 
   def plot(
     self,
@@ -234,7 +263,8 @@ class LayerwiseRateReduction:
   ) -> np.ndarray:
     """`plot_layerwise` of `history`, one curve per recorded step."""
     curves = {f"step {step}": stats for step, stats in sorted(self.history.items())}
-    return plot_layerwise(curves, path, title=title, quantities=quantities)
+    boundary = self.depths["encoder"] if len(self.depths) > 1 else None
+    return plot_layerwise(curves, path, title=title, quantities=quantities, boundary=boundary)
 
 
 class Evaluator:
@@ -286,6 +316,7 @@ def plot_layerwise(
   *,
   title: str = "",
   quantities: Sequence[str] = PAPER_QUANTITIES,
+  boundary: int | None = None,
   dpi: int = 100,
 ) -> np.ndarray:
   """Plots quantities against the layer index, as in the CRATE papers' figures.
@@ -298,6 +329,8 @@ def plot_layerwise(
     path: where to save the PNG, or None.
     title: the figure's title.
     quantities: the panels, names from `QUANTITIES`.
+    boundary: the number of encoder layers when the curves continue through a decoder: a
+      dashed line separates them.
     dpi: resolution.
 
   Returns:
@@ -319,6 +352,12 @@ def plot_layerwise(
         marker="o",
         markersize=4,
         capsize=3,
+      )
+    if boundary is not None:
+      ax.axvline(boundary + 0.5, color="gray", linestyle="--", linewidth=1)
+      ax.text(boundary + 0.6, 0.98, "decoder", transform=ax.get_xaxis_transform(), va="top")
+      ax.text(
+        boundary + 0.4, 0.98, "encoder", transform=ax.get_xaxis_transform(), va="top", ha="right"
       )
     ax.set_xlabel("layer index")
     ax.set_ylabel(_AXIS_LABELS.get(quantity, quantity))
@@ -345,7 +384,7 @@ def write_tensorboard_layout(
     layout_pb2.Chart(
       title=quantity,
       multiline=layout_pb2.MultilineChartContent(
-        tag=[rf"^{re.escape(prefix)}/{quantity}/layer_\d+$"]
+        tag=[rf"^{re.escape(prefix)}/{quantity}/(decoder_)?layer_\d+$"]
       ),
     )
     for quantity in quantities
