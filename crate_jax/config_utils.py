@@ -329,6 +329,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"model.dtype {config.model.dtype!r}: {e}") from e
 
 
+def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+  """`"field: old -> new"` for every leaf of two nested (JSON-like) configs that differs."""
+  if isinstance(old, dict) and isinstance(new, dict):
+    return [
+      change
+      for key in sorted(set(old) | set(new), key=str)
+      for change in differences(old.get(key), new.get(key), f"{prefix}{key}.")
+    ]
+  return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
   """The config of a `--config` value, `path/to/config.py[:argument]`, as `get_config` gives it."""
   path, _, arg = spec.partition(":")

@@ -31,7 +31,6 @@ from typing import NamedTuple
 
 from absl import flags
 from absl import logging
-import jax
 
 _HOST_PORT = re.compile(r"(\[[0-9a-fA-F:.]+\]|[^\s:\[\]]+):(\d{1,5})")
 
@@ -103,6 +102,8 @@ def initialize(
     ValueError: Inconsistent arguments or environment.
     RuntimeError: A cluster was detected but JAX could not configure itself.
   """
+  import jax  # pylint: disable=g-import-not-at-top  # Here: defining the flags needs no JAX.
+
   if jax.distributed.is_initialized():
     logging.info("jax.distributed is already initialised.")
     return

@@ -10,6 +10,7 @@ latest checkpoint. Multi-process jobs: see `crate_jax.distributed` (flags or det
 """
 
 import logging as std_logging
+import os
 import sys
 
 from absl import app
@@ -17,12 +18,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from crate_jax import checkpointing
-from crate_jax import config_utils
-from crate_jax import distributed
-from crate_jax import train
-from crate_jax import xla_cpu
-from crate_jax.data import pipeline
+from crate_jax import distributed  # Its flags; it imports JAX only when it initialises.
+from crate_jax import preemption
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
@@ -50,10 +47,17 @@ distributed.define_flags()
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, reporting an unknown `--config.<field>` in one line."""
+  """absl's flag parsing, reporting a missing config file or an unknown `--config.<field>`
+  in one line."""
+  spec = next((a.partition("=")[2] for a in argv if a.startswith("--config=")), None)
+  path = spec.partition(":")[0] if spec else None
+  if path and not os.path.isfile(path):
+    sys.exit(f"FATAL Flags parsing error: --config={spec}: no such config file {path!r}.")
   try:
     return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError):
+    from crate_jax import config_utils  # pylint: disable=g-import-not-at-top
+
     unknown = config_utils.unknown_overrides(argv)
     if not unknown:
       raise  # An error inside the config file: its traceback says where.
@@ -70,6 +74,13 @@ class _QuietCheckpointLibrary(std_logging.Filter):
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}.")
+  # Imported here, after `preemption.listen()`: a SIGTERM while they load is a clean stop.
+  from crate_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from crate_jax import config_utils  # pylint: disable=g-import-not-at-top
+  from crate_jax import train  # pylint: disable=g-import-not-at-top
+  from crate_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+  from crate_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
   logging.get_absl_handler().addFilter(_QuietCheckpointLibrary())
   try:
     config_utils.validate(_CONFIG.value)  # Fails fast, before JAX or the data start.
@@ -90,4 +101,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  preemption.listen()  # First: from here on a SIGTERM is a clean preemption (exit 0).
   app.run(main, flags_parser=_parse_flags)

@@ -16,6 +16,8 @@ latest checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Any
 
 from absl import logging
@@ -31,6 +33,7 @@ from crate_jax import config_utils
 from crate_jax import evaluators
 from crate_jax import optim
 from crate_jax import periodic
+from crate_jax import preemption
 from crate_jax import pretrained
 from crate_jax import sharding
 from crate_jax import tasks
@@ -106,51 +109,84 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     checkpointing.CheckpointError: checkpoints exist, none readable.
     TrainingDivergedError: the loss, gradients or updated state became non-finite.
   """
-  setup = set_up(config)
-  workdir = epath.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  is_main = jax.process_index() == 0
-  image_size = config.input.image_size
-  logging.info(
-    "%d devices, mesh %s; %d steps of %d images (%.2f epochs), %d warmup steps.",
-    jax.device_count(),
-    dict(setup.mesh.shape),
-    setup.total_steps,
-    config.input.global_batch_size,
-    setup.total_steps / setup.steps_per_epoch,
-    setup.warmup_steps,
-  )
-
-  with sharding.use_mesh(setup.mesh, setup.rules):
-    abstract, specs = train_state.abstract_train_state(setup.model, setup.tx, image_size)
-    shardings = sharding.state_shardings(specs, abstract, setup.mesh, setup.rules)
-    batch_sharding = sharding.batch_sharding(setup.mesh, setup.rules)
-    train_iter = pipeline.make_train_iterator(config.input, seed=config.seed)
-    checkpointer = checkpointing.Checkpointer(
-      workdir / "checkpoints",
-      max_to_keep=config.checkpoint.max_to_keep,
-      keep_period=config.checkpoint.keep_period,
-      async_save=config.checkpoint.async_save,
+  with preemption.Watcher() as watcher:  # From the start: a SIGTERM at any moment is clean.
+    if epath.Path(workdir).is_file():  # Checked first: set_up may take long (datasets).
+      raise config_utils.ConfigError(f"workdir {workdir!r} is a file, not a directory.")
+    setup = set_up(config)
+    workdir = _prepare_workdir(workdir)
+    logging.info(
+      "%d devices, mesh %s; %d steps of %d images (%.2f epochs), %d warmup steps.",
+      jax.device_count(),
+      dict(setup.mesh.shape),
+      setup.total_steps,
+      config.input.global_batch_size,
+      setup.total_steps / setup.steps_per_epoch,
+      setup.warmup_steps,
     )
+    with sharding.use_mesh(setup.mesh, setup.rules):
+      return _run(config, setup, workdir, watcher)
+
+
+def _prepare_workdir(workdir: str) -> epath.Path:
+  """The workdir, created if needed; a ConfigError if it cannot hold a run."""
+  path = epath.Path(workdir)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise config_utils.ConfigError(f"workdir {str(path)!r} cannot be created: {e}") from e
+  if not os.access(path, os.W_OK):
+    raise config_utils.ConfigError(f"workdir {str(path)!r} is not writable.")
+  return path
+
+
+def _run(
+  config: ml_collections.ConfigDict, setup: Setup, workdir: epath.Path, watcher: preemption.Watcher
+) -> TrainState:
+  image_size = config.input.image_size
+  abstract, specs = train_state.abstract_train_state(setup.model, setup.tx, image_size)
+  shardings = sharding.state_shardings(specs, abstract, setup.mesh, setup.rules)
+  batch_sharding = sharding.batch_sharding(setup.mesh, setup.rules)
+  train_iter = pipeline.make_train_iterator(config.input, seed=config.seed)
+  checkpointer = checkpointing.Checkpointer(
+    workdir / "checkpoints",
+    max_to_keep=config.checkpoint.max_to_keep,
+    keep_period=config.checkpoint.keep_period,
+    async_save=config.checkpoint.async_save,
+  )
+  watcher.attach(checkpointer.manager)
+  try:
     try:
-      with checkpointing.PreemptionWatcher(checkpointer.manager) as preemption:
-        state = checkpointer.restore_latest(
-          train_state.with_shardings(abstract, shardings), train_iter
-        )
-        if state is None:
-          state = _initial_state(config, setup, abstract, shardings)
-        # Written only now: the workdir is known to hold (or start) this config's run.
-        if is_main:
-          (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-        writer = writers.create_default_writer(workdir, just_logging=not is_main)
-        try:
-          loop = _Loop(config, setup, writer, checkpointer, preemption, workdir)
-          return loop.run(state, train_iter, abstract, shardings, batch_sharding)
-        finally:
-          writer.close()
+      state = checkpointer.restore_latest(
+        train_state.with_shardings(abstract, shardings), train_iter
+      )
+    except checkpointing.CheckpointError as e:
+      raise checkpointing.CheckpointError(f"{e}{_config_changes(workdir, config)}") from e
+    if state is None:
+      state = _initial_state(config, setup, abstract, shardings)
+    # Written only now: the workdir is known to hold (or start) this config's run.
+    if jax.process_index() == 0:
+      (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    writer = writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    try:
+      loop = _Loop(config, setup, writer, checkpointer, watcher, workdir)
+      return loop.run(state, train_iter, abstract, shardings, batch_sharding)
     finally:
-      checkpointer.wait()  # A save in flight (of a good state) completes, also on errors.
-      checkpointer.close()
+      writer.close()
+  finally:
+    checkpointer.wait()  # A save in flight (of a good state) completes, also on errors.
+    checkpointer.close()
+
+
+def _config_changes(workdir: epath.Path, config: ml_collections.ConfigDict) -> str:
+  """What differs from the config the workdir's checkpoints were written with, if known."""
+  previous = workdir / "config.json"
+  if not previous.exists():
+    return ""
+  current = json.loads(config.to_json_best_effort())
+  changes = config_utils.differences(json.loads(previous.read_text()), current)
+  if not changes:
+    return ""
+  return f" The workdir's config.json differs from this config in: {'; '.join(changes[:12])}."
 
 
 def _initial_state(
@@ -168,12 +204,12 @@ def _initial_state(
 class _Loop:
   """The steps of one run, with what happens around them."""
 
-  def __init__(self, config, setup, writer, checkpointer, preemption, workdir):
+  def __init__(self, config, setup, writer, checkpointer, watcher, workdir):
     self.config = config
     self.setup = setup
     self.writer = writer
     self.checkpointer = checkpointer
-    self.preemption = preemption
+    self.watcher = watcher
     self.workdir = workdir
     self.last_checkpoint = checkpointer.latest_step()
     self.report = periodic.ReportProgress(
@@ -197,11 +233,11 @@ class _Loop:
     )
     with xla_cpu.kernels():
       evals = evaluators.build(config.evals, context)
-    if step < setup.total_steps and not self.preemption.reached(step):
+    if step < setup.total_steps and not self.watcher.reached(step):
       state = self._train(state, step, train_iter, abstract, shardings, batch_sharding, evals)
       step = int(jax.device_get(state.step))
-    if self.preemption.reached(step):
-      logging.warning("Preempted: stopping at step %d, the latest checkpoint.", step)
+    if self.watcher.reached(step):
+      logging.warning("Preempted: stopping at step %d (saved, or nothing new to save).", step)
       return state
     self._evaluate(evals, state, step, final=True)
     return state
@@ -263,7 +299,7 @@ class _Loop:
         )
         train_metrics = None
 
-      preempted = self.preemption.reached(step)
+      preempted = self.watcher.reached(step)
       if preempted or step == setup.total_steps or due(config.checkpoint_every_steps):
         self._check_health(step, health)  # Never save a diverged state.
         with self.report.timed("checkpoint"):

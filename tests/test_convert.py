@@ -199,7 +199,7 @@ def test_errors_name_the_problem(golden_dir, tmp_path):
   with pytest.raises(convert.ConversionError, match="Unexpected keys"):
     convert.from_published(state | {"extra.weight": np.zeros(3)}, heads=4)
   (tmp_path / "corrupt.npz").write_bytes(b"PK\x03\x04 truncated")
-  with pytest.raises(convert.ConversionError, match="not a readable .npz"):
+  with pytest.raises(convert.ConversionError, match="is not a .npz file"):
     convert.load_published(str(tmp_path / "corrupt.npz"))
   (tmp_path / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
   with pytest.raises(convert.ConversionError, match="not a readable safetensors"):

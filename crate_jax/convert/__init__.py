@@ -57,7 +57,7 @@ __all__ = [
   "to_published",
 ]
 
-FORMATS = ("crate", "crate_alpha")  # Modules crate_jax.convert.<name>.
+FORMATS = ("crate", "crate_alpha", "crate_mae")  # Modules crate_jax.convert.<name>.
 
 
 def _format(name: str) -> ModuleType:
@@ -110,6 +110,9 @@ def from_published(state: StateDict, **overrides: Any) -> tuple[nn.Module, dict[
   expected = _expected_shapes(model, dims)
   flat = {}
   for name, path, to_ours, _ in entries:
+    if not path:  # A constant of the published model, not a parameter: `to_ours` checks it.
+      to_ours(state.get(name))
+      continue
     if name not in state:
       raise ConversionError(f"Missing key {name!r} (expected shape for {path}: {expected[path]}).")
     try:
@@ -149,7 +152,8 @@ def to_published(model: nn.Module, params: Mapping[str, Any]) -> StateDict:
   flat = {"/".join(k): np.asarray(v) for k, v in flax.traverse_util.flatten_dict(params).items()}
   dims = model.dims()
   return {
-    name: np.ascontiguousarray(to_pub(flat[path])) for name, path, _, to_pub in fmt.mapping(dims)
+    name: np.ascontiguousarray(to_pub(flat[path] if path else None))
+    for name, path, _, to_pub in fmt.mapping(dims)
   }
 
 
@@ -223,16 +227,24 @@ def _main(argv):
   del argv
   try:
     _convert(flags.FLAGS)
-  except ConversionError as e:
+  except ValueError as e:  # ConversionError, and model errors (e.g. a patch not dividing).
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
 
 def _convert(f) -> None:
+  directory = os.path.dirname(os.path.abspath(f.output))
+  if not os.path.isdir(directory):
+    raise ConversionError(f"--output={f.output!r}: the directory {directory!r} does not exist.")
+  if f.to == "ours" and not f.output.endswith(".npz"):
+    raise ConversionError(f"--output={f.output!r}: --to=ours writes a .npz file; name it so.")
   if f.to == "ours":
     overrides = {k: getattr(f, k) for k in ("heads", "pool") if getattr(f, k) is not None}
     if f.image_size:
-      overrides["image_size"] = tuple(int(v) for v in f.image_size.split(","))
+      try:
+        overrides["image_size"] = tuple(int(v) for v in f.image_size.split(","))
+      except ValueError:
+        raise ConversionError(f"--image_size={f.image_size!r} is not H,W.") from None
     model, variables = load_published(f.input, **overrides)
     save_ours(f.output, model, variables["params"])
     n = sum(np.size(v) for v in jax.tree.leaves(variables["params"]))

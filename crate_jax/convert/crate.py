@@ -57,13 +57,15 @@ def infer(state: StateDict, overrides: dict[str, Any]) -> dict[str, Any]:
   )
 
 
-def layer_entries(attention: str, ista: str, ours: str, dims: dict[str, Any]) -> list[common.Entry]:
-  """One CRATE layer: the attention block's names under `attention` (`...0.`), the ISTA
-  block's under `ista` (`...1.`), ours under `ours` (`encoder/layer_i/`)."""
+def attention_entries(
+  attention: str, ours: str, dims: dict[str, Any], norm: str = "norm1"
+) -> list[common.Entry]:
+  """A pre-normed MSSA block (`PreNorm(Attention)`): the published names under `attention`,
+  ours under `ours` (the LayerNorm as `ours + norm`, the attention as `ours + "mssa/"`)."""
   d, k, p = dims["width"], dims["heads"], dims["dim_head"]
   return [
-    common.renamed(attention + "norm.weight", ours + "norm1/scale"),
-    common.renamed(attention + "norm.bias", ours + "norm1/bias"),
+    common.renamed(attention + "norm.weight", ours + norm + "/scale"),
+    common.renamed(attention + "norm.bias", ours + norm + "/bias"),
     # qkv.weight is U^T (K*p, d), head-major.
     common.Entry(
       attention + "fn.qkv.weight",
@@ -78,6 +80,13 @@ def layer_entries(attention: str, ista: str, ours: str, dims: dict[str, Any]) ->
       lambda x: x.reshape(k * p, d).T,
     ),
     common.renamed(attention + "fn.to_out.0.bias", ours + "mssa/out_bias"),
+  ]
+
+
+def layer_entries(attention: str, ista: str, ours: str, dims: dict[str, Any]) -> list[common.Entry]:
+  """One CRATE layer: the attention block's names under `attention` (`...0.`), the ISTA
+  block's under `ista` (`...1.`), ours under `ours` (`encoder/layer_i/`)."""
+  return attention_entries(attention, ours, dims) + [
     common.renamed(ista + "norm.weight", ours + "norm2/scale"),
     common.renamed(ista + "norm.bias", ours + "norm2/bias"),
     common.renamed(ista + "fn.weight", ours + "ista/D"),

@@ -29,6 +29,10 @@ def read_state_dict(path: str) -> StateDict:
     except Exception as e:  # safetensors raises its own error types for corrupt headers.
       raise ConversionError(f"{path!r} is not a readable safetensors file: {e}") from e
   elif ext == ".npz":
+    if not zipfile.is_zipfile(path):
+      raise ConversionError(
+        f"{path!r} is not a .npz file (a .npz is a zip archive of .npy arrays)."
+      )
     try:
       with np.load(path, allow_pickle=False) as data:
         state = {k: data[k] for k in data.files}
@@ -50,6 +54,11 @@ def _read_torch(path: str) -> StateDict:
       f"Reading {path!r} needs PyTorch: `pip install -e '.[torch]'`, or convert the file to "
       f".safetensors/.npz elsewhere."
     ) from e
+  with open(path, "rb") as f:
+    head = f.read(2)
+  # A PyTorch file is a zip archive (torch.save) or a raw pickle (protocol 2+ starts 0x80).
+  if not (zipfile.is_zipfile(path) or head[:1] == b"\x80"):
+    raise ConversionError(f"{path!r} is not a PyTorch checkpoint (neither a zip nor a pickle).")
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # pickle.UnpicklingError, RuntimeError for corrupt zips, ...
