@@ -24,6 +24,7 @@ import functools
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from crate_jax import xla_cpu
 
@@ -350,3 +351,149 @@ def mssa_paper_step(z: Array, u: Array, kappa: float, eps: float) -> tuple[Array
   c = kappa * p / (n * eps**2)
   mssa, w, attn = mssa_paper(z, u)
   return (1.0 - c) * z + c * mssa, w, attn
+
+
+# --------------------------------------------------------------------------------------
+# CRATE-MAE: the decoder's structured diffusion, masking, the fixed positions, the loss.
+# --------------------------------------------------------------------------------------
+#
+# A CRATE-MAE decoder layer mirrors an encoder layer (structured diffusion undoes the
+# compression step, the linear dictionary step undoes the sparse coding), exactly as the
+# published code computes it (rows are tokens, `E` the stored `(d, d)` weight):
+#
+#   Y   = LN_a(X) E^T                (`dictionary_synthesis`: no bias, no ReLU, no residual)
+#   X+  = Y - MSSA(LN_b(Y))          (`structured_diffusion_step`: the published MSSA with
+#                                     its output bias, `mssa_published`, is subtracted)
+#
+# The LayerNorms are the model's; these functions take the normalised inputs.
+
+
+def dictionary_synthesis(x: Array, dictionary: Array) -> Array:
+  """The CRATE-MAE decoder's linear dictionary step `Y = X E^T` (`E x` in column notation).
+
+  Args:
+    x: normalised tokens `LN_a(X)`, `(..., d_in)`.
+    dictionary: `E`, the stored `(d_out, d_in)` weight (`fn.weight` of the published decoder
+      block's first sub-block).
+
+  Returns:
+    `Y`, `(..., d_out)`.
+  """
+  chex.assert_rank(dictionary, 2)
+  return token_matmul(x, dictionary.T)
+
+
+def structured_diffusion_step(y: Array, attention: Array) -> Array:
+  """The CRATE-MAE decoder's structured diffusion `X+ = Y - MSSA(LN_b(Y))`.
+
+  The mirror of the encoder's compression step `Z + MSSA(LN1(Z))`: the attention output is
+  subtracted, not added.
+
+  Args:
+    y: the dictionary step's output `Y`, `(..., N, d)`.
+    attention: `MSSA(LN_b(Y))` with its output bias (`mssa_published(LN_b(Y), ...)[0]`),
+      `(..., N, d)`.
+
+  Returns:
+    `X+`, `(..., N, d)`.
+  """
+  chex.assert_equal_shape([y, attention])
+  return y - attention
+
+
+def sincos_position_table(width: int, grid: tuple[int, int], cls_token: bool = True) -> np.ndarray:
+  """MAE's fixed 2-D sin-cos position table (`get_2d_sincos_pos_embed`), float32.
+
+  For the patch at row `i`, column `j` of a `gh x gw` grid (row-major token order) and
+  `q = width / 4` frequencies `w_f = 10000^(-f / q)`, `f = 0..q-1`:
+
+    row = [sin(j w), cos(j w), sin(i w), cos(i w)]
+
+  The first half encodes the column `j` (the published code's `meshgrid(grid_w, grid_h)`
+  puts `w` first), the second half the row `i`. With `cls_token` a zero row is prepended.
+  A constant of static sizes: computed with NumPy in float32 by the published code's
+  operations, so it equals the published tables bit for bit (a constant under `jit`).
+
+  Args:
+    width: `d`, a multiple of 4.
+    grid: `(gh, gw)`.
+    cls_token: prepend the CLS token's zero row.
+
+  Returns:
+    `((cls_token + gh * gw), width)`.
+  """
+  if width % 4:
+    raise ValueError(f"The 2-D sin-cos position table needs a width divisible by 4, got {width}.")
+  gh, gw = grid
+  quarter = width // 4
+  omega = np.arange(quarter, dtype=np.float32) / np.float32(quarter)
+  omega = np.float32(1.0) / np.float32(10000.0) ** omega
+  rows, cols = np.meshgrid(
+    np.arange(gh, dtype=np.float32), np.arange(gw, dtype=np.float32), indexing="ij"
+  )
+
+  def one_axis(pos: np.ndarray) -> np.ndarray:
+    angles = np.einsum("m,f->mf", pos.reshape(-1), omega)
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=-1)
+
+  table = np.concatenate([one_axis(cols), one_axis(rows)], axis=-1)
+  if cls_token:
+    table = np.concatenate([np.zeros((1, width), np.float32), table], axis=0)
+  return table.astype(np.float32)
+
+
+def random_masking(noise: Array, mask_ratio: float) -> tuple[Array, Array, Array]:
+  """MAE's per-image random masking from uniform noise (the published `random_masking`).
+
+  `ids_shuffle = argsort(noise)` (ascending: small noise is kept); the first
+  `len_keep = int(L * (1 - mask_ratio))` are kept. `ids_restore = argsort(ids_shuffle)`
+  undoes the shuffle: patch `l` is kept iff `ids_restore[l] < len_keep`.
+
+  Args:
+    noise: `(..., L)`.
+    mask_ratio: the fraction masked, in [0, 1] (a Python float: `len_keep` is static).
+
+  Returns:
+    `(ids_keep (..., len_keep) int32, mask (..., L) float32 with 1 = masked,
+    ids_restore (..., L) int32)`.
+  """
+  if not 0.0 <= mask_ratio <= 1.0:
+    raise ValueError(f"mask_ratio must be in [0, 1], got {mask_ratio}.")
+  length = noise.shape[-1]
+  len_keep = int(length * (1 - mask_ratio))
+  ids_shuffle = jnp.argsort(noise, axis=-1).astype(jnp.int32)
+  ids_restore = jnp.argsort(ids_shuffle, axis=-1).astype(jnp.int32)
+  mask = (ids_restore >= len_keep).astype(jnp.float32)
+  return ids_shuffle[..., :len_keep], mask, ids_restore
+
+
+def masked_patch_loss(
+  pred: Array, target: Array, mask: Array, norm_pix_loss: bool = False, eps: float = 1e-6
+) -> Array:
+  """MAE's reconstruction loss: per-patch mean squared error, averaged over masked patches.
+
+  `loss = sum_{b,l} mask_bl mean_c (pred_blc - t_blc)^2 / sum_{b,l} mask_bl`. With
+  `norm_pix_loss` every target patch is normalised, `t = (t - mean) / sqrt(var + eps)` with
+  the unbiased (`n - 1`) variance over its pixels, as the published code (`torch.var`) does.
+  Computed in float32 or higher. Without masked patches the loss is 0 (the published code
+  divides by zero).
+
+  Args:
+    pred: `(..., L, P)`.
+    target: the patches, `(..., L, P)` in the same within-patch order.
+    mask: `(..., L)`, 1 = masked.
+    norm_pix_loss: normalise the targets per patch.
+    eps: added to the variance.
+
+  Returns:
+    A scalar.
+  """
+  chex.assert_equal_shape([pred, target])
+  dtype = jnp.promote_types(pred.dtype, jnp.float32)
+  pred, target, mask = pred.astype(dtype), target.astype(dtype), mask.astype(dtype)
+  if norm_pix_loss:
+    mean = jnp.mean(target, axis=-1, keepdims=True)
+    var = jnp.var(target, axis=-1, keepdims=True, ddof=1)
+    target = (target - mean) / jnp.sqrt(var + eps)
+  per_patch = jnp.mean((pred - target) ** 2, axis=-1)
+  return jnp.sum(per_patch * mask) / jnp.maximum(jnp.sum(mask), 1.0)

@@ -12,7 +12,7 @@ from typing import Any
 
 from crate_jax.models import common
 
-MODELS = ("crate", "crate_alpha", "vit")
+MODELS = ("crate", "crate_alpha", "crate_mae", "vit")
 
 
 def model_class(name: str) -> type[common.ModelBase]:

@@ -139,6 +139,8 @@ class Model(common.ModelBase):
 
   Fields beyond `common.ModelBase`:
     decoder_depth, decoder_width, decoder_heads: the decoder's sizes (None: the encoder's).
+      Its heads have the encoder's `dim_head` when width and heads are the encoder's, else
+      `decoder_width // decoder_heads` (`decoder_dim_head`).
     mask_ratio: the fraction of patches masked per image (0.75).
     norm_pix_loss: normalise each target patch (unbiased variance) in the loss.
     encoder_tokens: "all" (published: mask tokens enter before the encoder) or "visible"
@@ -163,12 +165,14 @@ class Model(common.ModelBase):
   layer_norm_eps: float = 1e-5
 
   def dims(self) -> dict[str, Any]:
-    """The encoder's sizes (`ModelBase.dims`) and the decoder's: decoder_depth/width/heads."""
+    """The encoder's sizes (`ModelBase.dims`), the decoder's (decoder_depth, decoder_width,
+    decoder_heads) and `image_size`, the grid of the published position tables."""
     dims = super().dims()
     dims.update(
       decoder_depth=self.decoder_depth or dims["depth"],
       decoder_width=self.decoder_width or dims["width"],
       decoder_heads=self.decoder_heads or dims["heads"],
+      image_size=common.pair(self.image_size),
     )
     return dims
 
@@ -207,12 +211,11 @@ class Model(common.ModelBase):
       )
     dims = self.dims()
     d, dd = dims["width"], dims["decoder_width"]
-    token_init = functools.partial(
-      self.param, init_fn=common.param_with_axes(nn.initializers.normal(0.02), (None, None, "embed"))
-    )
+    token_init = common.param_with_axes(nn.initializers.normal(0.02), (None, None, "embed"))
+    mask_width = d if self.encoder_tokens == "all" else dd
     self.patch_embed = common.ConvPatchEmbed(d, dims["patch_size"], self.dtype)
-    self.cls = token_init("cls", shape=(1, 1, d))
-    self.mask_token = token_init("mask_token", shape=(1, 1, d if self.encoder_tokens == "all" else dd))
+    self.cls = self.param("cls", token_init, (1, 1, d))
+    self.mask_token = self.param("mask_token", token_init, (1, 1, mask_width))
     self.encoder = common.LayerStack(
       functools.partial(
         crate.Layer,
@@ -251,7 +254,7 @@ class Model(common.ModelBase):
 
   def _positions(self, width: int, grid: tuple[int, int]) -> Array:
     """The fixed sin-cos table `(1, 1 + gh * gw, width)` for the input's grid, CLS row zero."""
-    return ops.sincos_position_table(width, grid)[None].astype(self.dtype)
+    return jnp.asarray(ops.sincos_position_table(width, grid)[None], self.dtype)
 
   def _tokens(self, images: Array) -> tuple[Array, tuple[int, int]]:
     self.check_images(images)
@@ -333,7 +336,7 @@ class Model(common.ModelBase):
       )
       x = jnp.concatenate([x[:, :1], patches], axis=1) + self._positions(dd, grid)
     x, decoder_intermediates = self.decoder(common.constrain(x), return_intermediates)
-    pred = self.decoder_pred(self.decoder_norm(x)[:, 1:])
+    pred = self.decoder_pred(self.decoder_norm(x)[:, 1:]).astype(jnp.float32)
 
     target = common.patchify(images.astype(jnp.float32), self.dims()["patch_size"])
     out: dict[str, Any] = {
