@@ -47,9 +47,9 @@ def imagenet_style_input(
 def pod_cadence(config: ml_collections.ConfigDict) -> None:
   """Logging, evaluation and checkpoint intervals for runs of tens of thousands of steps."""
   config.log_every_steps = 100
-  config.evals.eval.every_steps = 2500
-  if "rate_reduction" in config.evals:
-    config.evals.rate_reduction.every_steps = 5000
+  for name, every in (("eval", 2500), ("rate_reduction", 5000)):
+    if name in config.evals:
+      config.evals[name].every_steps = every
   config.checkpoint_every_steps = 1000
   config.checkpoint.max_to_keep = 3
   config.checkpoint.keep_period = 10_000

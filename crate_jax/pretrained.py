@@ -61,22 +61,25 @@ def adapt(pretrained: dict[str, Any], target_shapes: Any) -> dict[tuple[str, ...
   """Fits pretrained parameters to the model being trained; returns `{path: array}`.
 
   Converts between scanned and unrolled layer stacks, resamples the position embedding
-  to the new patch grid, and leaves out the `head` when its shape changed (new classes):
-  it keeps its fresh initialisation. Any other mismatch is a ValueError naming the
-  parameters and both shapes.
+  to the new patch grid, and leaves out the `head` when its shape changed (new classes)
+  or the pretrained model has none (an autoencoder's encoder): it keeps its fresh
+  initialisation. Parameters of the pretrained model that the target lacks (a decoder)
+  are ignored. Any other mismatch is a ValueError naming the parameters and both shapes.
   """
   target = flax.traverse_util.flatten_dict(target_shapes)
-  encoder = pretrained.get("encoder", {})
-  if any(k[:2] == ("encoder", "layers") for k in target) and "layer_0" in encoder:
-    pretrained = common.stack_layer_params(pretrained, len(encoder))
-  elif any(k[:2] == ("encoder", "layer_0") for k in target) and "layers" in encoder:
+  if any(k[1] == "layers" for k in target if k[0] in common.LAYER_STACKS):
+    pretrained = common.stack_layer_params(pretrained)
+  else:
     pretrained = common.unstack_layer_params(pretrained)
   source = flax.traverse_util.flatten_dict(pretrained)
-  missing = sorted("/".join(k) for k in target if k not in source)
+  missing = sorted("/".join(k) for k in target if k not in source and k[0] != "head")
   if missing:
     raise ValueError(f"the pretrained checkpoint lacks {missing[:10]}: another model family?")
   adapted, problems = {}, []
   for key, shape in target.items():
+    if key not in source:  # A head the pretrained model (e.g. an autoencoder) lacks.
+      logging.info("Initialising %s afresh: not in the pretrained checkpoint.", "/".join(key))
+      continue
     value = np.asarray(source[key])
     if value.shape == shape.shape:
       adapted[key] = value

@@ -279,8 +279,7 @@ def test_scan_layers_and_remat_compute_the_same_function(tiny):
   scanned = _tiny(decoder_depth=3, scan_layers=True, remat_policy="full")
   unrolled = _tiny(decoder_depth=3)
   params = nn.unbox(unrolled.init(jax.random.PRNGKey(1), x)["params"])
-  stacked = common.stack_layer_params(params, 2, ("encoder",))
-  stacked = common.stack_layer_params(stacked, 3, ("decoder",))
+  stacked = common.stack_layer_params(params)
   assert stacked["decoder"]["layers"]["dict"]["E"].shape == (3, 32, 32)
   noise = jax.random.uniform(jax.random.PRNGKey(8), (4, 16))
   ref, ref_out = unrolled.apply({"params": params}, x, noise, return_intermediates=True)
@@ -527,8 +526,12 @@ def test_converter_errors_name_the_problem(golden_dir):
     convert.from_published(state, heads=4, patch_size=16)
   with pytest.raises(convert.ConversionError, match="cannot be overridden"):
     convert.from_published(state, heads=4, decoder_depth=3)
-  with pytest.raises(convert.ConversionError, match="scan_layers=False"):
-    convert.from_published(state, heads=4, scan_layers=True)
+  scanned, variables = convert.from_published(state, heads=4, scan_layers=True)
+  assert {"layers"} == set(variables["params"]["encoder"]) == set(variables["params"]["decoder"])
+  exported = convert.to_published(scanned, variables["params"])
+  assert set(exported) == set(state)
+  for name, value in state.items():
+    np.testing.assert_allclose(exported[name], value, atol=1e-5, err_msg=name)
   with pytest.raises(convert.ConversionError, match="Unexpected keys"):
     convert.from_published(state | {"extra.weight": np.zeros(3)}, heads=4)
   other = _published_state(width=32, depth=1, image=(32, 32), patch=8, decoder_width=48)

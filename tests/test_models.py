@@ -102,7 +102,7 @@ def test_scan_and_remat_compute_the_same_function(name):
   unrolled = _tiny(name)
   params = nn.unbox(unrolled.init(jax.random.PRNGKey(1), x)["params"])
   scanned = _tiny(name, scan_layers=True, remat_policy="full")
-  stacked = common.stack_layer_params(params, depth=2)
+  stacked = common.stack_layer_params(params)
   ref, ref_out = unrolled.apply({"params": params}, x, return_intermediates=True)
   got, got_out = scanned.apply({"params": stacked}, x, return_intermediates=True)
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)

@@ -130,7 +130,7 @@ def from_published(state: StateDict, **overrides: Any) -> tuple[nn.Module, dict[
     flat[tuple(path.split("/"))] = np.asarray(value, np.float32)
   params = flax.traverse_util.unflatten_dict(flat)
   if model.scan_layers:
-    params = model_common.stack_layer_params(params, dims["depth"])
+    params = model_common.stack_layer_params(params)
   return model, {"params": params}
 
 

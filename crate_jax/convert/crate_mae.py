@@ -58,11 +58,6 @@ def _heads(
 
 
 def infer(state: StateDict, overrides: dict[str, Any]) -> dict[str, Any]:
-  if overrides.get("scan_layers"):
-    raise ConversionError(
-      "Load CRATE-MAE with scan_layers=False, then stack both layer stacks with "
-      "models.common.stack_layer_params(params, depth, ('encoder',)) and (..., ('decoder',))."
-    )
   kernel = _get(state, "patch_embed.proj.weight")
   if kernel.ndim != 4 or kernel.shape[1] != 3:
     raise ConversionError(

@@ -16,6 +16,7 @@ config entry: the loop does not change.
   rate_reduction   the layer-wise rate-reduction measurements (models with MSSA layers).
   linear_probe     top-1 of linear classifiers fitted on frozen CLS / mean-pooled features.
   segmentation     emergent segmentation of attention maps and features against true masks.
+  reconstruction   masked autoencoders: masked-patch loss and a PNG grid of reconstructions.
 """
 
 from __future__ import annotations
@@ -42,7 +43,13 @@ from crate_jax import writers
 from crate_jax.data import pipeline
 from crate_jax.models import common
 
-EVALUATORS = ("classification", "rate_reduction", "linear_probe", "segmentation")
+EVALUATORS = (
+  "classification",
+  "rate_reduction",
+  "linear_probe",
+  "segmentation",
+  "reconstruction",
+)
 ENTRY_FIELDS = ("type", "every_steps")  # Read by the loop; the rest are the evaluator's.
 
 
@@ -86,14 +93,23 @@ class Context:
       out_shardings=NamedSharding(self.batch_sharding.mesh, P()),
     )
 
-  def eval_batches(self, split: str | None = None, **kwargs: Any) -> Iterator[dict[str, Any]]:
+  def eval_batches(
+    self,
+    split: str | None = None,
+    transform: Callable[[dict[str, Any], int], dict[str, Any]] | None = None,
+    **kwargs: Any,
+  ) -> Iterator[dict[str, Any]]:
     """One pass over the evaluation split (or `split`, preprocessed for evaluation): global
-    batches, padding rows with `mask` 0. `kwargs` go to `pipeline.make_eval_iterator`."""
+    batches, padding rows with `mask` 0. `transform(batch, index)` may add to this
+    process's part of batch `index` before it is placed; `kwargs` go to
+    `pipeline.make_eval_iterator`."""
     config = self.input_config
     if split is not None:
       config = ml_collections.ConfigDict(config.to_dict())
       config.eval_split = split
-    for batch in pipeline.make_eval_iterator(config, **kwargs):
+    for index, batch in enumerate(pipeline.make_eval_iterator(config, **kwargs)):
+      if transform is not None:
+        batch = transform(batch, index)
       yield batch if self.batch_sharding is None else sharding.put_batch(batch, self.batch_sharding)
 
   def fixed_images(self, num: int) -> np.ndarray:

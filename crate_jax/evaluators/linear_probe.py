@@ -15,6 +15,7 @@ penalty), `num_train`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+import functools
 from typing import Any
 
 import jax
@@ -32,12 +33,8 @@ def pooled_features(tokens: jax.Array) -> dict[str, jax.Array]:
   return {"cls": tokens[:, 0], "mean": jnp.mean(tokens[:, 1:], axis=1)}
 
 
-def fit_softmax_regression(
-  x: np.ndarray, y: np.ndarray, num_classes: int, l2: float, steps: int = 100
-) -> tuple[np.ndarray, np.ndarray]:
-  """`(W, b)` minimising `mean CE(x W + b, y) + l2 ||W||^2`, by `steps` of L-BFGS."""
-  x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y)
-
+@functools.partial(jax.jit, static_argnames=("num_classes", "steps"))
+def _lbfgs_softmax_regression(x, y, l2, *, num_classes: int, steps: int):
   def loss(params):
     w, b = params
     logits = x @ w + b
@@ -46,20 +43,24 @@ def fit_softmax_regression(
   solver = optax.lbfgs()
   value_and_grad = optax.value_and_grad_from_state(loss)
 
-  @jax.jit
-  def solve(params):
-    def step(carry, _):
-      params, state = carry
-      value, grad = value_and_grad(params, state=state)
-      updates, state = solver.update(grad, state, params, value=value, grad=grad, value_fn=loss)
-      return (optax.apply_updates(params, updates), state), None
+  def step(carry, _):
+    params, state = carry
+    value, grad = value_and_grad(params, state=state)
+    updates, state = solver.update(grad, state, params, value=value, grad=grad, value_fn=loss)
+    return (optax.apply_updates(params, updates), state), None
 
-    (params, _), _ = jax.lax.scan(step, (params, solver.init(params)), None, length=steps)
-    return params
+  params = (jnp.zeros((x.shape[1], num_classes)), jnp.zeros((num_classes,)))
+  (params, _), _ = jax.lax.scan(step, (params, solver.init(params)), None, length=steps)
+  return params
 
-  zeros = (jnp.zeros((x.shape[1], num_classes)), jnp.zeros((num_classes,)))
-  w, b = jax.device_get(solve(zeros))
-  return w, b
+
+def fit_softmax_regression(
+  x: np.ndarray, y: np.ndarray, num_classes: int, l2: float, steps: int = 100
+) -> tuple[np.ndarray, np.ndarray]:
+  """`(W, b)` minimising `mean CE(x W + b, y) + l2 ||W||^2`, by `steps` of L-BFGS from 0."""
+  x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y)
+  params = _lbfgs_softmax_regression(x, y, l2, num_classes=num_classes, steps=steps)
+  return jax.device_get(params)
 
 
 def top1(x: np.ndarray, y: np.ndarray, w: np.ndarray, b: np.ndarray) -> float:

@@ -1,4 +1,4 @@
-"""Model zoo, one family per file, each a `Model` with a `VARIANTS` size table ("B/16").
+"""Model zoo, one family per file, each with a `VARIANTS` size table ("B/16").
 
 `Model(...).apply(variables, images_nhwc, return_intermediates=...)` returns
 `(output, out)`: logits for the classifiers, with `out["intermediates"]` holding the
@@ -12,22 +12,31 @@ from typing import Any
 
 from crate_jax.models import common
 
-MODELS = ("crate", "crate_alpha", "crate_mae", "vit")
+# Registry name -> "module:class" in crate_jax.models.
+_CLASSES = {
+  "crate": "crate:Model",
+  "crate_alpha": "crate_alpha:Model",
+  "crate_mae": "crate_mae:Model",
+  "crate_mae_classifier": "crate_mae:Classifier",  # Fine-tunes a CRATE-MAE encoder.
+  "vit": "vit:Model",
+}
+MODELS = tuple(_CLASSES)
 
 
 def model_class(name: str) -> type[common.ModelBase]:
-  """The `Model` class of family `name` (the module `crate_jax.models.<name>`)."""
-  if name not in MODELS:
+  """The class registered as `name`."""
+  if name not in _CLASSES:
     raise ValueError(f"Unknown model {name!r}; choose one of {MODELS}.")
-  return importlib.import_module(f"crate_jax.models.{name}").Model
+  module, _, cls = _CLASSES[name].partition(":")
+  return getattr(importlib.import_module(f"crate_jax.models.{module}"), cls)
 
 
 def model_name(model: common.ModelBase) -> str:
-  """The registry name of a model instance's family ("crate" for a `crate.Model`)."""
-  name = type(model).__module__.rpartition(".")[2]
-  if name not in MODELS or type(model) is not model_class(name):
-    raise ValueError(f"{type(model).__name__} is not a crate_jax model family.")
-  return name
+  """The registry name of a model instance ("crate" for a `crate.Model`)."""
+  for name in MODELS:
+    if type(model) is model_class(name):
+      return name
+  raise ValueError(f"{type(model).__name__} is not a registered crate_jax model.")
 
 
 def get_model(name: str, **kwargs: Any) -> common.ModelBase:

@@ -285,6 +285,15 @@ def patchify(images: Array, patch_size: Sequence[int]) -> Array:
   return x.reshape(b, gh * gw, p1 * p2 * c)
 
 
+def unpatchify(patches: Array, grid: Sequence[int], patch_size: Sequence[int]) -> Array:
+  """The inverse of `patchify`: `(B, gh*gw, p1*p2*C)` patches -> `(B, gh*p1, gw*p2, C)`."""
+  (gh, gw), (p1, p2) = pair(grid), pair(patch_size)
+  b, _, n = patches.shape
+  c = n // (p1 * p2)
+  x = patches.reshape(b, gh, gw, p1, p2, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, gh * p1, gw * p2, c)
+
+
 def resample_posemb(
   posemb: Array, old_grid: Sequence[int], new_grid: Sequence[int], num_prefix_tokens: int = 1
 ) -> Array:
@@ -505,27 +514,30 @@ class LayerStack(nn.Module):
     return x, (jax.tree.map(lambda *xs: jnp.stack(xs), *outputs) if collect else {})
 
 
-def stack_layer_params(params: dict, depth: int, stack_path: Sequence[str] = ("encoder",)) -> dict:
-  """Converts unrolled `layer_{i}` parameters to the scanned `layers` layout."""
-  params = jax.tree.map(lambda x: x, params)  # shallow copy of the nested dicts
-  parent = _get_path(params, stack_path)
-  layers = [parent.pop(f"layer_{i}") for i in range(depth)]
-  parent["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+LAYER_STACKS = ("encoder", "decoder")  # Top-level parameter collections of `LayerStack`s.
+
+
+def stack_layer_params(params: dict) -> dict:
+  """Unrolled `<stack>/layer_{i}` parameters -> the scanned `<stack>/layers` layout, for
+  every layer stack of `params` (`LAYER_STACKS`) that is unrolled."""
+  params = jax.tree.map(lambda x: x, params)  # A shallow copy of the nested dicts.
+  for stack in LAYER_STACKS:
+    parent = params.get(stack, {})
+    depth = sum(name.startswith("layer_") for name in parent)
+    if depth:
+      layers = [parent.pop(f"layer_{i}") for i in range(depth)]
+      parent["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
   return params
 
 
-def unstack_layer_params(params: dict, stack_path: Sequence[str] = ("encoder",)) -> dict:
-  """Converts scanned `layers` parameters to the unrolled `layer_{i}` layout."""
+def unstack_layer_params(params: dict) -> dict:
+  """Scanned `<stack>/layers` parameters -> the unrolled `<stack>/layer_{i}` layout, for
+  every layer stack of `params` that is scanned."""
   params = jax.tree.map(lambda x: x, params)
-  parent = _get_path(params, stack_path)
-  stacked = parent.pop("layers")
-  depth = jax.tree.leaves(stacked)[0].shape[0]
-  for i in range(depth):
-    parent[f"layer_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  for stack in LAYER_STACKS:
+    parent = params.get(stack, {})
+    if "layers" in parent:
+      stacked = parent.pop("layers")
+      for i in range(jax.tree.leaves(stacked)[0].shape[0]):
+        parent[f"layer_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
   return params
-
-
-def _get_path(tree: dict, path: Sequence[str]) -> dict:
-  for key in path:
-    tree = tree[key]
-  return tree

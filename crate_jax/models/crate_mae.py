@@ -349,3 +349,72 @@ class Model(common.ModelBase):
       out["intermediates"] = intermediates
       out["decoder_intermediates"] = decoder_intermediates
     return pred, out
+
+
+class Classifier(common.ClassifierBase):
+  """The CRATE-MAE encoder with a classifier head, for fine-tuning a pretrained encoder.
+
+  Its parameters are the autoencoder's encoder side under the same names
+  (`patch_embed/conv`, `cls`, `encoder/layer_i`, `encoder_norm`), plus `head`: a CRATE-MAE
+  checkpoint initialises everything but the head (`config.init`). Tokens: the patch
+  convolution, CLS and the fixed sin-cos table (computed for the input's grid); pooled
+  by `pool` after `encoder_norm` (eps 1e-6). `pool="mean"` by default: the CLS token gets
+  no training signal of its own in masked pretraining.
+  """
+
+  FAMILY: ClassVar[str] = "CRATE-MAE classifier"
+  VARIANTS: ClassVar[dict[str, common.Size]] = VARIANTS
+  HAS_SUBSPACES: ClassVar[bool] = True
+
+  pool: str = "mean"
+  eta: float = 0.1
+  lam: float = 0.5
+  layer_norm_eps: float = 1e-5
+
+  def forward_flops(self, batch_size: int, image_size: Sequence[int] | None = None) -> float:
+    dims = self.dims()
+    d, inner, (p1, p2) = dims["width"], dims["heads"] * dims["dim_head"], dims["patch_size"]
+    return common.transformer_flops(
+      self,
+      batch_size,
+      image_size,
+      per_token=2 * d * inner + d * d,  # U and O; the folded ISTA step.
+      stem_per_patch=3 * p1 * p2 * d,
+      per_batch=dims["depth"] * d**3,
+      head=d * self.num_classes,
+    )
+
+  def embed(self, images: Array) -> Array:
+    dims = self.dims()
+    x = common.ConvPatchEmbed(dims["width"], dims["patch_size"], self.dtype, name="patch_embed")(
+      images
+    )
+    init = common.param_with_axes(nn.initializers.normal(0.02), (None, None, "embed"))
+    cls = self.param("cls", init, (1, 1, dims["width"])).astype(self.dtype)
+    x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[-1])), x], axis=1)
+    grid = common.grid_size(images.shape[1:3], dims["patch_size"])
+    return x + jnp.asarray(ops.sincos_position_table(dims["width"], grid)[None], self.dtype)
+
+  def layer(self):
+    dims = self.dims()
+    return functools.partial(
+      crate.Layer,
+      heads=dims["heads"],
+      dim_head=dims["dim_head"],
+      eta=self.eta,
+      lam=self.lam,
+      layer_norm_eps=self.layer_norm_eps,
+      dtype=self.dtype,
+    )
+
+  def head(self, x: Array, intermediates: dict[str, Array] | None) -> tuple[Array, dict]:
+    x = common.layer_norm(FINAL_NORM_EPS, self.dtype, "encoder_norm")(x)
+    return common.classifier_head(
+      self,
+      x,
+      pool=self.pool,
+      num_classes=self.num_classes,
+      dtype=self.dtype,
+      torch_init=False,
+      intermediates=intermediates,
+    )
