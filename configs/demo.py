@@ -4,7 +4,11 @@ r"""CRATE on the embedded `crate_shapes/32` dataset, sized for a laptop CPU (2 c
     python -m crate_jax.main --config=configs/demo.py:model=vit --workdir=/tmp/vit_demo
 
 `model=vit` (or `crate_alpha`) trains a matched baseline: the same width, depth, heads,
-patch, data, optimizer and schedule.
+patch, data, optimizer and schedule. `init=<workdir or file>` starts from pretrained
+parameters, e.g. fine-tuning the encoder of configs/mae_demo.py:
+
+    python -m crate_jax.main --config=configs/demo.py:model=crate_mae_classifier,patch=4,init=/tmp/mae_demo \
+        --workdir=/tmp/mae_finetune
 
 Builds the dataset on first use (20,000 training and 2,000 test images; under a minute),
 then trains a small CRATE (width 128, 4 layers of 4 heads, 8 x 8 patches: 17 tokens) for
@@ -17,12 +21,16 @@ Expected: CRATE above 90% test top-1 at the end, in minutes on 2 CPU cores; the 
 runs are in docs/training.md.
 """
 
+import os
+
 from configs import common
 from crate_jax import config_utils
 
 
 def get_config(arg=None):
-  arg = config_utils.parse_arg(arg, model="crate", steps=1200, width=128, depth=4, heads=4, patch=8)
+  arg = config_utils.parse_arg(
+    arg, model="crate", steps=1200, width=128, depth=4, heads=4, patch=8, init=""
+  )
   config = common.base(
     arg.model, width=arg.width, depth=arg.depth, heads=arg.heads, patch_size=(arg.patch, arg.patch)
   )
@@ -39,4 +47,7 @@ def get_config(arg=None):
   if "rate_reduction" in config.evals:  # Models with MSSA layers.
     config.evals.rate_reduction.every_steps = 400
   config.checkpoint_every_steps = 400
+  if arg.init:
+    config.init.checkpoint = arg.init
+    config.init.format = "workdir" if os.path.isdir(arg.init) else "published"
   return config

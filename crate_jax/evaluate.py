@@ -3,6 +3,8 @@ r"""Runs a config's evaluators on any checkpoint: `python -m crate_jax.evaluate`
     python -m crate_jax.evaluate --config=configs/segmentation_benchmark.py \
         --checkpoint=/tmp/runs/crate_seed0 [--evals=segmentation,linear_probe] [--output=r.json]
 
+`--evals` names entries of `config.evals` or evaluator types (run with their defaults).
+`--evals` names entries of `config.evals` or evaluator types (run with their defaults).
 `--checkpoint` is one of our workdirs (its latest checkpoint), a checkpoint step directory,
 or a published checkpoint file (`.pth`, `.safetensors`, `.npz`, read by
 `crate_jax.convert`; the model then comes from the file, with `--heads` where its shapes
@@ -20,9 +22,9 @@ from typing import Any
 
 from absl import app
 from absl import flags
-import jax
 import ml_collections
 from ml_collections import config_flags
+import numpy as np
 
 from crate_jax import config_utils
 from crate_jax import convert
@@ -59,17 +61,26 @@ def evaluate(
 ) -> dict[str, dict[str, Any]]:
   """`{entry name: metrics}` of `config.evals` (or `names` of them) on `checkpoint`."""
   config_utils.validate(config)
-  unknown = sorted(set(names or ()) - set(config.evals))
-  if unknown:
-    raise config_utils.ConfigError(
-      f"--evals {unknown} are not in config.evals {list(config.evals)}."
-    )
+  entries = {}
+  for name in names or config.evals:
+    if name in config.evals:
+      entries[name] = config.evals[name].to_dict()
+    elif name in evaluators.EVALUATORS:  # A type not in the config: its defaults.
+      entries[name] = {"type": name}
+    else:
+      raise config_utils.ConfigError(
+        f"--evals {name!r} is neither in config.evals {list(config.evals)} nor an evaluator "
+        f"type {evaluators.EVALUATORS}."
+      )
   pipeline.prepare_dataset(config.input)
   model, params = load(config, checkpoint, **kwargs)
-  entries = {k: v for k, v in config.evals.items() if not names or k in names}
   with xla_cpu.kernels():
     built = evaluators.build(entries, evaluators.Context(model, config.input))
-    return {e.name: dict(e.evaluator.run(params, 0)) for e in built}
+    results = {e.name: e.evaluator.run(params, 0) for e in built}
+  # Scalars only: images (e.g. reconstruction grids) are for the training workdir's logs.
+  return {
+    name: {k: float(v) for k, v in r.items() if np.ndim(v) == 0} for name, r in results.items()
+  }
 
 
 def main(argv: list[str]) -> None:
@@ -79,7 +90,7 @@ def main(argv: list[str]) -> None:
     results = evaluate(_CONFIG.value, _CHECKPOINT.value, _EVALS.value, heads=_HEADS.value)
   except (config_utils.ConfigError, convert.ConversionError, ValueError) as e:
     sys.exit(f"FATAL {type(e).__name__}: {e}")
-  text = json.dumps(jax.tree.map(float, results), indent=2, sort_keys=True)
+  text = json.dumps(results, indent=2, sort_keys=True)
   print(text)
   if _OUTPUT.value:
     with open(_OUTPUT.value, "w") as f:

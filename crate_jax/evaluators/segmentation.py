@@ -31,6 +31,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from crate_jax.data import pipeline
 from crate_jax.interpretability import maps
 from crate_jax.interpretability import scores
 from crate_jax.interpretability import segmentation
@@ -155,7 +156,11 @@ class Evaluator:
   ):
     self._context = context
     config = context.input_config
-    self._eval_split = f"{config.eval_split}[:{num_images}]" if num_images else None
+    self._eval_split = None
+    if num_images:
+      num_images = min(num_images, pipeline.num_examples(config, config.eval_split))
+      self._eval_split = f"{config.eval_split}[:{num_images}]"
+    num_selection = min(num_selection, pipeline.num_examples(config, config.train_split))
     self._selection_split = selection_split or f"{config.train_split}[:{num_selection}]"
     self._patch = common.pair(context.model.dims()["patch_size"])
     self._kwargs = dict(
