@@ -101,5 +101,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  preemption.listen()  # First: from here on a SIGTERM is a clean preemption (exit 0).
+  # First: from here on a SIGTERM is a clean preemption (exit 0). Multi-process jobs hand the
+  # signal to JAX's preemption service when jax.distributed initialises.
+  preemption.listen()
   app.run(main, flags_parser=_parse_flags)

@@ -1,12 +1,14 @@
 """Preemption: SIGTERM (or JAX's preemption notice) means "save and stop", at any moment.
 
-`listen()` turns SIGTERM into a request that the training loop honours at its next step
-boundary, from the moment it is called to the end of the process: during start-up
-(nothing new to save: the run stops before training), between steps (it saves and
-stops), after the final checkpoint (there is nothing left to do: it exits normally).
-`crate_jax.main` calls it first thing; this module imports nothing heavy so that it can.
-With several processes, JAX's preemption service (through orbax) picks the step at which
-all processes stop together, so that they all take part in the final save.
+In a single process, `listen()` turns SIGTERM into a request that the training loop
+honours at its next step boundary, from the moment it is called to the end of the process:
+during start-up (nothing new to save: the run stops before training), between steps (it
+saves and stops), after the final checkpoint (there is nothing left to do: it exits
+normally). `crate_jax.main` calls it first thing; this module imports nothing heavy at
+import time so that it can. With several processes, JAX's preemption service (through
+orbax) receives the SIGTERM and picks the step at which all processes stop together, so
+that they all take part in the final save; a per-process flag could stop them at
+different steps, so it is not consulted there.
 """
 
 from __future__ import annotations
@@ -54,12 +56,17 @@ class Watcher:
   def __init__(self, manager: Any = None):
     self._manager = manager  # An orbax CheckpointManager, once there is one.
     self._previous_handler = None
+    self._single_process = True
 
   def attach(self, manager: Any) -> None:
     self._manager = manager
 
   def __enter__(self) -> Watcher:
-    self._previous_handler = listen()
+    import jax  # pylint: disable=g-import-not-at-top  # Here: the module must import fast.
+
+    self._single_process = jax.process_count() == 1
+    if self._single_process:  # Several processes: JAX's preemption service has the signal.
+      self._previous_handler = listen()
     return self
 
   def __exit__(self, *exc_info) -> None:
@@ -69,6 +76,6 @@ class Watcher:
 
   def reached(self, step: int) -> bool:
     """Whether to stop after `step` (saving it, if it is new)."""
-    if requested():
+    if self._single_process and requested():
       return True
     return self._manager is not None and bool(self._manager.reached_preemption(step))

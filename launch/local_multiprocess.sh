@@ -12,7 +12,8 @@ Usage: launch/local_multiprocess.sh --num-processes=N (--gpus-per-process=K | --
 Starts N copies of COMMAND on this machine, appending
   --coordinator_address=127.0.0.1:PORT --num_processes=N --process_id=I
 to copy I, and waits for all of them. If one fails, the others are killed and
-its exit status is returned.
+its exit status is returned. SIGTERM and SIGINT are forwarded to every copy,
+and the script waits for them to finish (a trainer saves before it stops).
 
   --num-processes=N     Number of processes.
   --gpus-per-process=K  Process I sees GPUs I*K ... I*K+K-1 (CUDA_VISIBLE_DEVICES).
@@ -27,6 +28,12 @@ Example (2 processes x 4 CPU devices):
   launch/local_multiprocess.sh --num-processes=2 --cpu -- \
       python -m crate_jax.main --config=configs/imagenet.py:variant=B/16 --workdir=/tmp/b16
 EOF
+}
+
+# Passes a signal on to the processes; the wait loop below then waits for them.
+forward() {
+  echo "local_multiprocess.sh: received SIG$1; forwarding it and waiting for the processes." >&2
+  kill -s "$1" "${pids[@]}" 2>/dev/null || true
 }
 
 die() {
@@ -71,6 +78,8 @@ main() {
   pids=()
   local i
   trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
+  trap 'forward TERM' TERM
+  trap 'forward INT' INT
   for ((i = 0; i < num_processes; i++)); do
     (
       if [[ -n $gpus_per_process ]]; then

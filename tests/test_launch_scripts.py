@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -434,6 +435,46 @@ def test_local_failure_stops_the_others(cli, tmp_path):
   )
   assert result.returncode == 3
   assert "Process 1 failed with status 3" in result.stderr
+
+
+def test_local_forwards_sigterm_and_waits_for_the_processes(tmp_path):
+  """Each child takes 1.5 s to "save" after SIGTERM, then writes a file and exits 0."""
+  script = (
+    "import pathlib, signal, sys, time\n"
+    "def stop(*_):\n"
+    "  time.sleep(1.5)\n"
+    f"  pathlib.Path({str(tmp_path)!r}, sys.argv[-1][-1]).write_text('saved')\n"
+    "  sys.exit(0)\n"
+    "signal.signal(signal.SIGTERM, stop)\n"
+    "print('ready', flush=True)\n"
+    "time.sleep(60)\n"
+  )
+  process = subprocess.Popen(
+    [
+      "bash",
+      str(LAUNCH / "local_multiprocess.sh"),
+      "--num-processes=2",
+      "--cpu",
+      f"--log-dir={tmp_path}/logs",
+      "--",
+      sys.executable,
+      "-c",
+      script,
+    ],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  logs = [tmp_path / "logs" / f"process_{i}.log" for i in range(2)]
+  deadline = time.monotonic() + 30
+  while not all(log.exists() and "ready" in log.read_text() for log in logs):
+    assert time.monotonic() < deadline, "the processes did not start"
+    time.sleep(0.1)
+  process.send_signal(signal.SIGTERM)
+  _, err = process.communicate(timeout=30)
+  assert process.returncode == 0, err
+  assert "forwarding it and waiting" in err
+  assert sorted(p.name for p in tmp_path.iterdir() if p.name in "01") == ["0", "1"]
 
 
 def test_local_two_process_jax_job(cli, tmp_path):
