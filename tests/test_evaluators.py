@@ -21,6 +21,7 @@ from crate_jax import models
 from crate_jax import writers
 from crate_jax.evaluators import classification
 from crate_jax.evaluators import rate_reduction
+from crate_jax.evaluators import segmentation as segmentation_evaluator
 from crate_jax.models import get_model
 
 EPS, LAM = 0.5, 0.1
@@ -286,3 +287,30 @@ def test_built_evaluators_run_by_name_with_their_entry_fields(crate, tmp_path, m
   expected = rate_reduction.LayerwiseRateReduction(crate.model, crate.images[:3])
   assert scalars == pytest.approx(expected.run(crate.params), rel=1e-4, abs=1e-5)
   assert (tmp_path / "layerwise.png").exists()  # Named after the entry.
+
+
+def test_segmentation_scores_a_head_that_sees_the_objects_and_one_that_does_not():
+  """Head 0 attends to the object patches, head 1 uniformly: the scores tell them apart."""
+  rng = np.random.default_rng(0)
+  b, grid, patch = 12, 4, 2
+  foreground = np.zeros((b, 8, 8), np.uint8)
+  parts = np.zeros((b, 8, 8), np.uint8)
+  for i in range(b):  # A 2 x 2-patch object at a random position, its top row part 1.
+    r, c = rng.integers(0, 3, 2)
+    foreground[i, 2 * r : 2 * r + 4, 2 * c : 2 * c + 4] = 1
+    parts[i, 2 * r : 2 * r + 4, 2 * c : 2 * c + 4] = 2
+    parts[i, 2 * r : 2 * r + 2, 2 * c : 2 * c + 4] = 1
+  object_patches = foreground[:, ::patch, ::patch].astype(np.float32)
+  head_maps = np.stack([object_patches + 1e-3, np.ones_like(object_patches)], axis=1)
+  head_maps /= head_maps.sum((2, 3), keepdims=True)
+  keys = np.where(object_patches.reshape(b, grid * grid, 1) > 0, 1.0, -1.0) * np.ones((1, 1, 4))
+  keys = keys + 0.01 * rng.normal(size=keys.shape)
+  collected = segmentation_evaluator.Collected(head_maps, keys, foreground, foreground, parts)
+  results = segmentation_evaluator.score(collected, (patch, patch), best_head=0)
+  assert results["attention/auroc_best_head"] == pytest.approx(1.0)
+  assert results["attention/auroc_image_best_head"] == pytest.approx(1.0)
+  assert results["attention/iou_best_head"] == pytest.approx(0.75)  # 60% of the mass: 3 of 4.
+  assert results["attention/auroc_heads"] == pytest.approx(0.75)  # Mean of 1.0 and 0.5.
+  assert results["pca/iou"] > 0.9 and results["maskcut/ap50"] > 0.9
+  assert results["parts/consistency_best"] == pytest.approx(1.0)
+  assert results["parts/chance"] < 1.0

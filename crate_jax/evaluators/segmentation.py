@@ -5,8 +5,9 @@ On unmasked images (`Model.encode`), at one layer (the last by default):
 
 * attention: the CLS attention map of every head (`interpretability.maps`). Scored as
   continuous maps by per-patch ROC AUC against the patch-level foreground (a patch is
-  foreground when at least half of it is), and as masks (DINO's `mass` threshold, upsampled
-  to pixels) by IoU against the pixel foreground: pooled over the images (`iou`) and as the
+  foreground when at least half of it is), pooled over all patches (`auroc`) and per image
+  (`auroc_image`, see `map_scores`), and as masks (DINO's `mass` threshold, upsampled to
+  pixels) by IoU against the pixel foreground: pooled over the images (`iou`) and as the
   mean of per-image IoUs (`miou`). For the head-averaged map (`mean_map`), the mean over
   heads of every head's score (`heads`), and the best head (`best_head`), chosen by AUROC on
   a separate selection split and scored on the evaluation split.
@@ -75,6 +76,27 @@ def _mask_scores(pred_patches: np.ndarray, foreground: np.ndarray, patch) -> tup
   return float(pooled), scores.mean_iou(pred, target)
 
 
+def map_scores(
+  score_maps: np.ndarray, foreground: np.ndarray, patch: tuple[int, int], mass: float = 0.6
+) -> dict[str, float]:
+  """How well continuous patch maps `(B, gh, gw)` find the foreground `(B, S, S)`.
+
+  `auroc`: pooled over all patches; `auroc_image`: the mean of per-image AUROCs (images
+  with foreground and background patches), which a map that only knows where objects
+  usually are cannot raise; `iou` (pooled) and `miou` (per image) of the `mass` threshold.
+  """
+  _, labels = maps.patch_level_targets(foreground, patch)
+  labels = np.asarray(labels)
+  per_image = [scores.auroc(m, t) for m, t in zip(score_maps, labels)]
+  iou, miou = _mask_scores(np.asarray(maps.mass_threshold(score_maps, mass)), foreground, patch)
+  return {
+    "auroc": scores.auroc(score_maps, labels),
+    "auroc_image": float(np.nanmean(per_image)),
+    "iou": iou,
+    "miou": miou,
+  }
+
+
 def score(
   collected: Collected,
   patch: tuple[int, int],
@@ -87,24 +109,17 @@ def score(
 ) -> dict[str, float]:
   """The module doc's metrics on `collected`, with `best_head` chosen elsewhere."""
   c, grid = collected, collected.maps.shape[-2:]
-  _, labels = maps.patch_level_targets(c.foreground, patch)
-  labels = np.asarray(labels)
   results: dict[str, float] = {"attention/best_head": best_head}
-  heads = {"mean_map": c.maps.mean(axis=1), "best_head": c.maps[:, best_head]}
-  for name, m in heads.items():
-    results[f"attention/auroc_{name}"] = scores.auroc(m, labels)
-    iou, miou = _mask_scores(np.asarray(maps.mass_threshold(m, mass)), c.foreground, patch)
-    results[f"attention/iou_{name}"], results[f"attention/miou_{name}"] = iou, miou
-  per_head = [
-    (scores.auroc(c.maps[:, k], labels),)
-    + _mask_scores(np.asarray(maps.mass_threshold(c.maps[:, k], mass)), c.foreground, patch)
-    for k in range(c.maps.shape[1])
-  ]
-  for i, name in enumerate(("auroc", "iou", "miou")):
-    results[f"attention/{name}_heads"] = float(np.mean([h[i] for h in per_head]))
+  for name, m in (("mean_map", c.maps.mean(axis=1)), ("best_head", c.maps[:, best_head])):
+    for key, value in map_scores(m, c.foreground, patch, mass).items():
+      results[f"attention/{key}_{name}"] = value
+  per_head = [map_scores(c.maps[:, k], c.foreground, patch, mass) for k in range(c.maps.shape[1])]
+  for key in per_head[0]:
+    results[f"attention/{key}_heads"] = float(np.mean([h[key] for h in per_head]))
 
   pca_mask, pca_scores = segmentation.pca_foreground(c.keys, grid)
-  results["pca/auroc"] = scores.auroc(pca_scores, labels)
+  _, labels = maps.patch_level_targets(c.foreground, patch)
+  results["pca/auroc"] = scores.auroc(pca_scores, np.asarray(labels))
   results["pca/iou"], results["pca/miou"] = _mask_scores(pca_mask, c.foreground, patch)
 
   if c.instances is not None:
