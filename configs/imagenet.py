@@ -11,7 +11,7 @@ Needs `imagenet2012` prepared as tfds array_record files (see docs/data.md).
 
 Expected: top-1 66.7 (T/16), 69.2 (S/16), 70.8 (B/16), 71.3 (L/16) after 150 epochs
 (93,750 steps). Time: about 240 s per epoch for CRATE-B/16 on 16 A100-40GB as reported,
-i.e. about 10 hours; on a TPU v4-32 or 8 H100 expect the same order. The MFU logged
+i.e. about 10 hours there (not run here). The MFU logged
 needs `--config.peak_tflops_per_device` (e.g. 989 for H100 bf16, 275 for TPU v4).
 """
 

@@ -12,8 +12,7 @@ Needs `imagenet21k` prepared as tfds array_record files (see docs/data.md).
 
 Expected: the pre-trained model is then fine-tuned on ImageNet-1K, where CRATE-alpha reaches
 top-1 81.2 (B/16), 83.2 (B/8), 83.9 (L/14), 85.1 (L/8). 91 epochs of ImageNet-21K (13-14 M
-images) at batch 4096 are about 300k steps: roughly a week for B/16 on 16 A100s (our
-estimate from CRATE-B's reported throughput scaled by FLOPs, not a measurement).
+images) at batch 4096 are about 300k steps (not run here).
 `num_classes` defaults to big_vision's `imagenet21k` (21843); set it to your preparation's.
 """
 

@@ -31,6 +31,11 @@ from crate_jax import xla_cpu
 Array = jax.Array
 
 
+def _assert_min_rank(x: Array, rank: int, what: str) -> None:
+  if x.ndim < rank:
+    raise ValueError(f"{what} needs at least {rank} axes, got shape {x.shape}.")
+
+
 def token_matmul(x: Array, w: Array) -> Array:
   """`x @ w` for tokens `x` of shape `(..., d)` and a matrix `w` of shape `(d, e)`.
 
@@ -79,7 +84,7 @@ def coding_rate(z: Array, eps: float = 0.5) -> Array:
   Returns:
     `R` per sequence, shape `(...)`, float32 or higher.
   """
-  chex.assert_rank(z, {2, 3, 4, 5})
+  _assert_min_rank(z, 2, "z (..., N, d)")
   n, d = z.shape[-2:]
   return 0.5 * logdet_identity_plus_gram(z, d / (n * eps**2))
 
@@ -140,7 +145,7 @@ def published_compression_measure(head_proj: Array, eps_sq: float = 0.01) -> Arr
   Returns:
     The measurement per image, shape `(...)`.
   """
-  chex.assert_rank(head_proj, {3, 4, 5})
+  _assert_min_rank(head_proj, 3, "head_proj (..., N, K, p)")
   n, _, p = head_proj.shape[-3:]
   x = head_proj.astype(_measure_dtype(head_proj))
   x = x / jnp.linalg.norm(x, axis=-1, keepdims=True)
