@@ -12,7 +12,9 @@ the position embedding is resampled when the patch grid differs.
 `init` is one of our workdirs (its latest checkpoint) or step directories, or a published
 checkpoint file (`.pth`, `.safetensors`, or CRATE-alpha `.npz`) read by
 `crate_jax.convert.load_published`; `format=workdir|published` overrides the guess (a
-directory is ours, a file is published). `model=crate_alpha` fine-tunes CRATE-alpha. The
+directory is ours, a file is published). `model=crate_alpha` fine-tunes CRATE-alpha;
+`model=crate_mae_classifier` fine-tunes the encoder of a CRATE-MAE checkpoint (ours or
+published; its decoder is dropped and a new head trained, with CRATE's transfer recipe). The
 datasets must be prepared as tfds array_record files (see docs/data.md).
 
 Expected top-1 (CRATE-T / S / B / L from ImageNet-1K): CIFAR-10 95.5 / 96.0 / 96.8 / 97.2,
