@@ -7,8 +7,9 @@ For every model and seed: `python -m crate_jax.main --config=configs/segmentatio
 into `<outdir>/<model>_s<seed>` (skipped when already finished: reruns resume), then
 `python -m crate_jax.evaluate` on its last checkpoint (the test split's top-1 and the
 `segmentation` evaluator; the linear probe for the autoencoder) into `metrics.json`. The
-no-model baselines (a position prior, the mean training foreground map, and a centred
-Gaussian) are scored on the same images with the same functions. Writes `table.md` (mean
+no-model baselines of `benchmarks/scenes_baselines.py` (position prior, centred Gaussian,
+colour contrast, patch-aligned ground truth) are scored on the same images with the same
+functions, as head-averaged maps. Writes `table.md` (mean
 +- standard deviation over seeds) and `results.json` into `outdir`, and prints the table.
 """
 
@@ -27,10 +28,8 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks import scenes_baselines  # noqa: E402
 from configs import segmentation_benchmark  # noqa: E402
-from crate_jax.data import pipeline  # noqa: E402
-from crate_jax.evaluators import segmentation  # noqa: E402
-from crate_jax.interpretability import scores  # noqa: E402
 
 _OUTDIR = flags.DEFINE_string("outdir", None, "Where the runs and the table go.")
 _MODELS = flags.DEFINE_list("models", ["crate", "vit", "crate_mae"], "Models to train.")
@@ -101,47 +100,6 @@ def train_and_score(model: str, seed: str, outdir: pathlib.Path) -> dict[str, fl
   }
 
 
-def baselines() -> dict[str, dict[str, float]]:
-  """Position prior and centred Gaussian, scored as attention maps are (`map_scores`)."""
-  config = segmentation_benchmark.get_config()
-  if _DATA_DIR.value:
-    config.input.data_dir = _DATA_DIR.value
-  pipeline.prepare_dataset(config.input)
-  patch = tuple(config.model.patch_size)
-
-  def foreground(split: str) -> np.ndarray:
-    batches = pipeline.make_eval_iterator(
-      _with_split(config.input, split), with_segmentation=True, process_index=0, process_count=1
-    )
-    return np.concatenate([b["segmentation"][b["mask"] > 0] for b in batches])
-
-  train, test = (
-    foreground(f"{config.input.train_split}[:10000]"),
-    foreground(config.input.eval_split),
-  )
-  grid = (test.shape[1] // patch[0], test.shape[2] // patch[1])
-  pooled_train = train.reshape(len(train), grid[0], patch[0], grid[1], patch[1]).mean((2, 4))
-  maps = {
-    "position prior": scores.position_prior(pooled_train),
-    "centred Gaussian": scores.centred_blob(grid),
-  }
-  return {
-    name: {
-      f"segmentation/attention/{key}_mean_map": value
-      for key, value in segmentation.map_scores(
-        np.broadcast_to(m, (len(test),) + grid), test, patch
-      ).items()
-    }
-    for name, m in maps.items()
-  }
-
-
-def _with_split(input_config, split):
-  config = type(input_config)(input_config.to_dict())
-  config.eval_split = split
-  return config
-
-
 def table(rows: dict[str, list[dict[str, float]]]) -> str:
   lines = [
     "| model | runs | " + " | ".join(h for _, h in COLUMNS) + " |",
@@ -168,7 +126,16 @@ def main(argv: list[str]) -> None:
   rows = {
     model: [train_and_score(model, s, outdir) for s in _SEEDS.value] for model in _MODELS.value
   }
-  rows.update({name: [metrics] for name, metrics in baselines().items()})
+  config = segmentation_benchmark.get_config()
+  baselines = scenes_baselines.baselines(
+    config.input.dataset, config.model.patch_size[0], _DATA_DIR.value
+  )
+  rows.update(
+    {
+      name: [{f"segmentation/attention/{k}_mean_map": v for k, v in r.items()}]
+      for name, r in baselines.items()
+    }
+  )
   text = table(rows)
   (outdir / "table.md").write_text(text + "\n")
   (outdir / "results.json").write_text(json.dumps(rows, indent=2, sort_keys=True))

@@ -15,22 +15,24 @@ the table with the no-model baselines; the measured table is in docs/interpretab
 
 from configs import common
 from crate_jax import config_utils
+from crate_jax.data import crate_scenes
 
 CLASSIFIERS = ("crate", "vit")
 
 
 def get_config(arg=None):
-  arg = config_utils.parse_arg(arg, model="crate", seed=0, steps=2400, width=128, depth=4, heads=4)
+  arg = config_utils.parse_arg(arg, model="crate", seed=0, steps=3600, width=128, depth=4, heads=4)
   sizes = dict(width=arg.width, depth=arg.depth, heads=arg.heads, patch_size=(8, 8))
   if arg.model in CLASSIFIERS:
     config = common.base(arg.model, **sizes)
     config.label_smoothing = 0.1
     config.evals.eval.every_steps = 400
-    config.evals.pop("rate_reduction", None)
+    if "rate_reduction" in config.evals:
+      del config.evals["rate_reduction"]
   elif arg.model == "crate_mae":
     config = common.base("crate_mae", task="masked_autoencoding", decoder_depth=4, **sizes)
     config.evals.reconstruction.every_steps = 800
-    config.evals.pop("rate_reduction")
+    del config.evals["rate_reduction"]
     config.evals.linear_probe = dict(
       type="linear_probe", every_steps=0, train_split="train[:10000]"
     )
@@ -39,6 +41,7 @@ def get_config(arg=None):
   config.seed = arg.seed
   config.input.dataset = "crate_scenes/64"
   config.input.image_size = 64
+  config.input.num_classes = len(crate_scenes.CLASS_NAMES)
   config.input.global_batch_size = 128
   config.input.eval_batch_size = 400
   config.total_steps = arg.steps
@@ -48,5 +51,7 @@ def get_config(arg=None):
   config.schedule.warmup_steps = 100
   config.log_every_steps = 100
   config.checkpoint_every_steps = 800
-  config.evals.segmentation = dict(type="segmentation", every_steps=0)
+  config.evals.segmentation = dict(
+    type="segmentation", every_steps=0, num_part_types=len(crate_scenes.PART_NAMES)
+  )
   return config

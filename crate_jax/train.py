@@ -68,6 +68,10 @@ def set_up(config: ml_collections.ConfigDict) -> Setup:
   """Builds what the config describes; every problem is a ConfigError (nothing written)."""
   config_utils.validate(config)
   task = tasks.get_task(config)
+  if config.init.checkpoint and not epath.Path(config.init.checkpoint).exists():
+    raise config_utils.ConfigError(
+      f"config.init: init.checkpoint={config.init.checkpoint!r} does not exist."
+    )
   pipeline.prepare_dataset(config.input)
   with config_utils.config_errors("mesh"):
     mesh = sharding.create_mesh(config)
@@ -75,6 +79,7 @@ def set_up(config: ml_collections.ConfigDict) -> Setup:
     rules = sharding.logical_rules(config)
   config_utils.validate_batch(config, sharding.batch_divisor(mesh, rules))
   batch_size = config.input.global_batch_size
+  _check_dataset(config.input)
   steps_per_epoch = pipeline.num_examples(config.input, config.input.train_split) / batch_size
   total_steps = config_utils.steps(config, "total", steps_per_epoch)
   # Only evaluating a checkpoint (total_steps=0): the schedule is never stepped.
@@ -95,6 +100,23 @@ def set_up(config: ml_collections.ConfigDict) -> Setup:
   with config_utils.config_errors("optimizer"):
     tx = optim.create_optimizer(config.optimizer, schedule, params)
   return Setup(task, model, tx, schedule, mesh, rules, total_steps, warmup_steps, steps_per_epoch)
+
+
+def _check_dataset(input_config: ml_collections.ConfigDict) -> None:
+  """The parts of `config.input` that must agree with the dataset itself."""
+  features = pipeline.dataset_features(input_config)
+  classes = getattr(features["label"], "num_classes", None) if "label" in features else None
+  if classes is not None and classes != input_config.num_classes:
+    raise config_utils.ConfigError(
+      f"input.num_classes={input_config.num_classes}, but {input_config.dataset} has {classes} "
+      f"classes: set --config.input.num_classes={classes}."
+    )
+  examples = pipeline.num_examples(input_config, input_config.train_split)
+  if input_config.global_batch_size > examples:
+    raise config_utils.ConfigError(
+      f"input.global_batch_size={input_config.global_batch_size} exceeds the {examples} "
+      f"examples of the training split {input_config.train_split!r}."
+    )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:

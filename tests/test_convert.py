@@ -1,5 +1,6 @@
 """Published checkpoints in and out: formats, containers, inference of sizes, round trips, errors."""
 
+import re
 import subprocess
 import sys
 
@@ -242,3 +243,33 @@ def test_command_line_round_trip(golden_dir, tmp_path):
   assert (
     result.returncode == 2 and "pass heads=K" in result.stderr and "Traceback" not in result.stderr
   )
+
+
+@pytest.mark.parametrize(
+  "args,message",
+  [
+    (["--output=OUT/missing/o.npz"], "the directory .* does not exist"),
+    (["--output=OUT/o3.pth"], "--to=ours writes a .npz file"),
+    (["--output=OUT/o.npz", "--image_size=33,33"], r"not divisible by the patch size"),
+    (["--output=OUT/o.npz", "--image_size=33,x"], "is not H,W"),
+    (["--input=TEXT.npz", "--output=OUT/o.npz"], "is not a .npz file"),
+    (["--input=TEXT.pth", "--output=OUT/o.npz"], "is not a PyTorch checkpoint"),
+  ],
+)
+def test_command_line_errors_are_one_line(golden_dir, tmp_path, args, message):
+  _, state = _golden_state(golden_dir)
+  np.savez(tmp_path / "pub.npz", **state)
+  (tmp_path / "text.npz").write_text("not an archive")
+  (tmp_path / "text.pth").write_text("not a checkpoint")
+  args = [a.replace("OUT", str(tmp_path)).replace("TEXT", str(tmp_path / "text")) for a in args]
+  if not any(a.startswith("--input") for a in args):
+    args.append(f"--input={tmp_path / 'pub.npz'}")
+  result = subprocess.run(
+    [sys.executable, "-m", "crate_jax.convert", "--heads=4", *args],
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+  assert re.search(message, result.stderr.strip().splitlines()[-1])
+  assert not (tmp_path / "o3.pth").exists() and not (tmp_path / "o3.pth.npz").exists()

@@ -205,3 +205,22 @@ def test_parameters_carry_logical_axes():
   specs = nn.get_partition_spec(variables)["params"]["encoder"]["layer_0"]
   assert tuple(specs["mssa"]["proj"]) == ("embed", "heads", "head_dim")
   assert tuple(specs["odl"]["D"]) == ("embed", "dict")
+
+
+@pytest.mark.parametrize(
+  "shape,dtype,message",
+  [
+    ((2, 16, 16, 1), np.float32, "convert grayscale or RGBA images to RGB"),
+    ((2, 16, 16, 4), np.float32, "convert grayscale or RGBA images to RGB"),
+    ((16, 16, 3), np.float32, r"add a batch axis, images\[None\]"),
+    ((2, 3, 16, 16), np.float32, r"looks like NCHW: transpose with images.transpose\(0, 2, 3, 1\)"),
+    ((2, 16, 16, 3), np.uint8, "takes normalised float images; got uint8"),
+    ((2, 18, 18, 3), np.float32, r"not divisible by the patch size \(8, 8\)"),
+  ],
+)
+@pytest.mark.parametrize("name", ["crate", "vit", "crate_mae"])
+def test_images_of_the_wrong_kind_are_one_clear_error(name, shape, dtype, message):
+  kwargs = dict(width=16, depth=1, heads=2, patch_size=8, image_size=(16, 16))
+  model = get_model(name, **kwargs)
+  with pytest.raises(ValueError, match=message):
+    jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), np.zeros(shape, dtype))

@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import demo
+from crate_jax import checkpointing
 from crate_jax import config_utils
 from crate_jax import evaluators
 from crate_jax import optim
@@ -323,6 +324,13 @@ def test_pretrained_parameters_fit_a_new_head_and_resolution(data_dir):
     ("schedule.warmup_steps", 50, r"config.schedule: warmup_steps \(50\)"),
     ("optimizer.name", "adam", r"config.optimizer: optimizer.name='adam' has no weight decay"),
     ("mesh.axes", (("data", 3),), r"config.mesh: Mesh \{'data': 3\} does not divide"),
+    ("input.num_classes", 5, r"input.num_classes=5, but crate_shapes/train_tiny has 10 classes"),
+    ("input.global_batch_size", 192, r"global_batch_size=192 exceeds the 96 examples"),
+    (
+      "init.checkpoint",
+      "/nonexistent/run",
+      r"config.init: init.checkpoint='/nonexistent/run' does not",
+    ),
   ],
 )
 def test_inconsistent_config_is_a_config_error_before_anything_is_written(
@@ -332,3 +340,50 @@ def test_inconsistent_config_is_a_config_error_before_anything_is_written(
   with pytest.raises(config_utils.ConfigError, match=message):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()  # No config.json, event file or checkpoint.
+
+
+def test_a_checkpoint_of_another_model_is_refused_naming_the_differences(data_dir, tmp_path):
+  train.train_and_evaluate(tiny_config(data_dir, total_steps=2), str(tmp_path))
+  config_before = (tmp_path / "config.json").read_text()
+  events_before = sorted(p.name for p in tmp_path.iterdir())
+  with pytest.raises(checkpointing.CheckpointError, match=r"model.width: 16 -> 32"):
+    train.train_and_evaluate(tiny_config(data_dir, **{"model.width": 32}), str(tmp_path))
+  # Nothing written: the workdir still describes its checkpoints.
+  assert (tmp_path / "config.json").read_text() == config_before
+  assert sorted(p.name for p in tmp_path.iterdir()) == events_before
+  # As an init checkpoint of another width: one clear error too.
+  config = tiny_config(data_dir, **{"model.width": 32, "init.checkpoint": str(tmp_path)})
+  with pytest.raises(config_utils.ConfigError, match=r"pretrained shapes do not fit config.model"):
+    train.train_and_evaluate(config, str(tmp_path / "finetune"))
+
+
+def test_unreadable_init_checkpoint_is_one_clear_error(data_dir, tmp_path):
+  step = tmp_path / "run" / "checkpoints" / "3" / "state"
+  step.mkdir(parents=True)
+  (step / "_METADATA").write_text("{broken")
+  config = tiny_config(data_dir, **{"init.checkpoint": str(tmp_path / "run")})
+  with pytest.raises(config_utils.ConfigError, match=r"config.init: .* cannot be read"):
+    train.train_and_evaluate(config, str(tmp_path / "finetune"))
+
+
+@pytest.mark.parametrize("case", ["workdir_is_a_file", "missing_config_file"])
+def test_main_reports_bad_paths_in_one_line(data_dir, tmp_path, case):
+  (tmp_path / "file").write_text("")
+  flags = [f"--workdir={tmp_path / 'file'}"] if case == "workdir_is_a_file" else []
+  if case == "missing_config_file":
+    command = [
+      sys.executable,
+      "-m",
+      "crate_jax.main",
+      "--config=configs/nope.py",
+      f"--workdir={tmp_path}",
+    ]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    message = "no such config file 'configs/nope.py'"
+  else:
+    process = _run_main(tmp_path / "unused", data_dir, *flags)
+    _, err = process.communicate(timeout=300)
+    result = types.SimpleNamespace(returncode=process.returncode, stderr=err)
+    message = "is a file, not a directory"
+  assert result.returncode != 0 and "Traceback" not in result.stderr
+  assert message in result.stderr.strip().splitlines()[-1]

@@ -1,5 +1,5 @@
 """Input pipelines (tfds array_record + grain, no TensorFlow) and the embedded
-`crate_shapes` dataset. See docs/data.md."""
+`crate_shapes` and `crate_scenes` datasets. See docs/data.md."""
 
 from crate_jax.data.pipeline import DatasetNotPreparedError
 from crate_jax.data.pipeline import default_input_config

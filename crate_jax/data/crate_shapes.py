@@ -138,8 +138,13 @@ def _bilinear_matrix(size: int, grid: int) -> np.ndarray:
   return np.maximum(0, 1 - np.abs(position[:, None] - np.arange(grid)[None]))
 
 
-def _background(rng: np.random.Generator, n: int, size: int, num_scribbles: int) -> np.ndarray:
-  """Cluttered backgrounds, float32[n, size, size, 3] in [0, 1]."""
+def supersampling(image_size: int) -> int:
+  """Anti-aliasing sub-samples per axis when rendering images of side `image_size`."""
+  return max(1, min(2, 128 // image_size))
+
+
+def background(rng: np.random.Generator, n: int, size: int, num_scribbles: int) -> np.ndarray:
+  """Cluttered backgrounds, float32[n, size, size, 3] in [0, 1] (shared with crate_scenes)."""
   y, x = (np.mgrid[:size, :size].astype(np.float32) + 0.5) / size
   # Linear gradient between two random colours.
   angle = _uniform(rng, 0, 2 * np.pi, n, 1, 1)
@@ -194,7 +199,7 @@ def render(
     object covers at least half of the pixel.
   """
   n, size = len(labels), image_size
-  supersample = max(1, min(2, 128 // size))  # Anti-aliasing sub-samples per axis.
+  supersample = supersampling(size)
   radius = _uniform(rng, *_RADIUS_RANGE, n, 1, 1) * size
   centre = radius[..., None] + _uniform(rng, 0, 1, n, 1, 1, 2) * (size - 2 * radius[..., None])
   max_rotation = np.deg2rad(max_rotation_degrees)
@@ -210,13 +215,13 @@ def render(
   hits = inside.reshape(n, size, supersample, size, supersample).sum((2, 4), dtype=np.uint8)
   coverage = hits[..., None].astype(np.float32) / supersample**2
 
-  background = _background(rng, n, size, num_scribbles)
+  backdrop = background(rng, n, size, num_scribbles)
   # The object colour must stand out from the background it covers.
-  covered = (background * coverage).sum((1, 2)) / coverage.sum((1, 2))
+  covered = (backdrop * coverage).sum((1, 2)) / coverage.sum((1, 2))
   colour = _uniform(rng, 0, 1, n, 3)
   too_close = np.linalg.norm(colour - covered, axis=-1, keepdims=True) < 0.5
   colour = np.where(too_close, (covered + 0.5) % 1.0, colour)
-  image = background + coverage * (colour[:, None, None] - background)
+  image = backdrop + coverage * (colour[:, None, None] - backdrop)
   image += rng.normal(0, 0.03, image.shape).astype(np.float32)
   images = np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
   return images, (coverage[..., 0] >= 0.5).astype(np.uint8)
@@ -254,8 +259,6 @@ class CrateShapes(tfds.core.GeneratorBasedBuilder):
     CrateShapesConfig(name="64", image_size=64),
     CrateShapesConfig(name="224", image_size=224, train_size=5_000, test_size=1_000),
   ]
-  # Pixels rendered at once (small images count as 128 x 128): bounds memory.
-  _CHUNK_PIXELS = 1 << 22
 
   def _info(self) -> tfds.core.DatasetInfo:
     size = self.builder_config.image_size
@@ -287,24 +290,47 @@ class CrateShapes(tfds.core.GeneratorBasedBuilder):
     labels = np.random.default_rng([config.seed, split_id]).permutation(
       np.arange(num_examples) % len(SHAPE_NAMES)
     )
-    chunk = max(1, self._CHUNK_PIXELS // (max(config.image_size, 128) ** 2))
+    chunk = chunk_size(config.image_size)
 
     def render_chunk(start):
       rng = np.random.default_rng([config.seed, split_id, start])
-      return start, render(
+      images, masks = render(
         labels[start : start + chunk],
         config.image_size,
         rng,
         max_rotation_degrees=config.max_rotation_degrees,
         num_scribbles=config.num_scribbles,
       )
+      return {"image": images, "segmentation": masks, "label": labels[start : start + chunk]}
 
-    # NumPy releases the GIL, so threads render ahead while tfds serialises.
-    starts = range(0, num_examples, chunk)
-    for start, (images, masks) in _ordered_thread_map(render_chunk, starts):
-      for offset, (image, mask) in enumerate(zip(images, masks)):
-        index = start + offset
-        yield index, {"image": image, "segmentation": mask, "label": labels[index]}
+    yield from generate_in_chunks(render_chunk, num_examples, chunk)
+
+
+# Pixels rendered at once (small images count as 128 x 128): bounds memory.
+_CHUNK_PIXELS = 1 << 22
+
+
+def chunk_size(image_size: int) -> int:
+  """Images rendered at once at side `image_size`."""
+  return max(1, _CHUNK_PIXELS // (max(image_size, 128) ** 2))
+
+
+def generate_in_chunks(render_chunk: Callable[[int], dict], num_examples: int, chunk: int):
+  """Yields `(index, example)` for `_generate_examples` from chunks rendered in threads.
+
+  Args:
+    render_chunk: maps `start` to a dict of per-feature arrays for examples
+      `start` up to `start + chunk` (the same keys every time).
+    num_examples: examples in the split.
+    chunk: examples per `render_chunk` call.
+  """
+  # NumPy releases the GIL, so threads render ahead while tfds serialises.
+  chunks = _ordered_thread_map(
+    lambda start: (start, render_chunk(start)), range(0, num_examples, chunk)
+  )
+  for start, features in chunks:
+    for offset in range(len(next(iter(features.values())))):
+      yield start + offset, {key: value[offset] for key, value in features.items()}
 
 
 def _ordered_thread_map(fn, items, num_threads: int = os.cpu_count() or 1):
@@ -352,8 +378,17 @@ def build(config: CrateShapesConfig, data_dir: str | os.PathLike | None = None) 
   Returns:
     The prepared builder.
   """
+  return build_with(CrateShapes, config, data_dir)
+
+
+def build_with(
+  builder_class: type[tfds.core.GeneratorBasedBuilder],
+  config: tfds.core.BuilderConfig,
+  data_dir: str | os.PathLike | None = None,
+) -> tfds.core.GeneratorBasedBuilder:
+  """`build` for any builder class of this kind (crate_shapes, crate_scenes)."""
   data_dir = resolve_data_dir(data_dir)
-  builder = CrateShapes(config=config, data_dir=os.fspath(data_dir))
+  builder = builder_class(config=config, data_dir=os.fspath(data_dir))
   if not builder.is_prepared():
     with _exclusive_lock(data_dir):
       builder.download_and_prepare(file_format="array_record")
@@ -369,13 +404,22 @@ def prepare(name: str = "crate_shapes/32", data_dir: str | os.PathLike | None = 
     name: 'crate_shapes' or 'crate_shapes/<config>' with a registered config.
     data_dir: tfds data directory; None is the tfds default.
   """
+  prepare_with(CrateShapes, name, data_dir)
+
+
+def prepare_with(
+  builder_class: type[tfds.core.GeneratorBasedBuilder],
+  name: str,
+  data_dir: str | os.PathLike | None = None,
+) -> None:
+  """`prepare` for any builder class of this kind (crate_shapes, crate_scenes)."""
   dataset, _, config_name = name.partition("/")
-  if dataset != "crate_shapes":
-    raise ValueError(f"Not a crate_shapes dataset: {name!r}.")
-  configs = {config.name: config for config in CrateShapes.BUILDER_CONFIGS}
+  if dataset != builder_class.name:
+    raise ValueError(f"Not a {builder_class.name} dataset: {name!r}.")
+  configs = {config.name: config for config in builder_class.BUILDER_CONFIGS}
   if config_name and config_name not in configs:
     raise ValueError(
-      f"Unknown config {name!r}; registered: {sorted(configs)}. Build other "
-      "configs with crate_jax.data.crate_shapes.build(CrateShapesConfig(...))."
+      f"Unknown config {name!r}; registered: {sorted(configs)}. Build other configs with "
+      f"{builder_class.__module__}.build({type(configs[next(iter(configs))]).__name__}(...))."
     )
-  build(configs[config_name or CrateShapes.BUILDER_CONFIGS[0].name], data_dir)
+  build_with(builder_class, configs[config_name or builder_class.BUILDER_CONFIGS[0].name], data_dir)

@@ -9,8 +9,9 @@ Batches (the contract with the trainer), per host (B = batch // process_count):
   train: {'image': float32[B, S, S, 3], 'labels': float32[B, num_classes]}
       one-hot or mixup/CutMix soft targets; label smoothing is the loss's job.
   eval:  {'image': float32[B, S, S, 3], 'label': int32[B], 'mask': float32[B]}
-      plus 'segmentation': uint8[B, S, S] when asked for; mask is 0.0 on the
-      padding that completes the last batch.
+      plus 'segmentation': uint8[B, S, S] when asked for (and 'instances',
+      'parts': uint8[B, S, S] if the dataset has them, as `crate_scenes`);
+      mask is 0.0 on the padding that completes the last batch.
 
 The train iterator is endless and checkpointable: `iterator.get_state()` /
 `set_state(state)` resume exactly; with orbax, save it next to the model:
@@ -35,10 +36,15 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
+from crate_jax.data import crate_scenes
 from crate_jax.data import crate_shapes
 from crate_jax.data import preprocess
 
 _DOCS = "docs/data.md"
+# Embedded datasets, built on first use: tfds name -> builder.
+_EMBEDDED = {"crate_shapes": crate_shapes.CrateShapes, "crate_scenes": crate_scenes.CrateScenes}
+# Per-pixel label maps that evaluation emits next to 'segmentation' when present.
+_EXTRA_MASKS = ("instances", "parts")
 
 
 class DatasetNotPreparedError(RuntimeError):
@@ -50,7 +56,7 @@ def default_input_config() -> ml_collections.ConfigDict:
 
   Fields:
     dataset: tfds name, optionally with config: 'crate_shapes/32',
-      'imagenet2012', 'imagenet21k', 'cifar10', 'cifar100',
+      'crate_scenes/64' (8 classes), 'imagenet2012', 'imagenet21k', 'cifar10', 'cifar100',
       'oxford_flowers102', 'oxford_iiit_pet', ... (see docs/data.md).
     data_dir: tfds data directory; None is the tfds default ($TFDS_DATA_DIR or
       ~/tensorflow_datasets).
@@ -110,10 +116,11 @@ def default_input_config() -> ml_collections.ConfigDict:
 
 def _how_to_prepare(name: str, data_dir: str) -> str:
   dataset = name.partition("/")[0]
-  if dataset == "crate_shapes":
+  if dataset in _EMBEDDED:
+    builder_class = _EMBEDDED[dataset]
     return (
-      "Build it with crate_jax.data.crate_shapes.build(CrateShapesConfig("
-      f"name=..., ...), data_dir={data_dir!r})."
+      f"Build it with {builder_class.__module__}.build("
+      f"{type(builder_class.BUILDER_CONFIGS[0]).__name__}(name=..., ...), data_dir={data_dir!r})."
     )
   if dataset == "imagenet21k":
     return (
@@ -161,18 +168,22 @@ def _data_source(builder: tfds.core.DatasetBuilder, split: str):
 
 
 def prepare_dataset(input_config: ml_collections.ConfigDict) -> None:
-  """Builds the embedded `crate_shapes` if missing; checks any other dataset.
+  """Builds a registered config of an embedded dataset (`crate_shapes`,
+  `crate_scenes`) if missing; checks any other dataset.
 
   Raises:
     DatasetNotPreparedError: saying how to prepare the missing dataset.
   """
   dataset, _, config = input_config.dataset.partition("/")
-  if dataset == "crate_shapes" and (
-    not config or config in crate_shapes.CrateShapes.builder_configs
-  ):
-    crate_shapes.prepare(input_config.dataset, input_config.data_dir)
+  if dataset in _EMBEDDED and (not config or config in _EMBEDDED[dataset].builder_configs):
+    crate_shapes.prepare_with(_EMBEDDED[dataset], input_config.dataset, input_config.data_dir)
   else:
     _builder(input_config)
+
+
+def dataset_features(input_config: ml_collections.ConfigDict) -> tfds.features.FeaturesDict:
+  """The (prepared) dataset's tfds features: e.g. `["label"].num_classes`, `["image"].shape`."""
+  return _builder(input_config).info.features
 
 
 def num_examples(input_config: ml_collections.ConfigDict, split: str) -> int:
@@ -269,14 +280,14 @@ def make_train_iterator(
   return _iterator(dataset, input_config)
 
 
-def _padding_example(image_size: int, with_segmentation: bool) -> dict[str, np.ndarray]:
+def _padding_example(image_size: int, mask_keys: tuple[str, ...]) -> dict[str, np.ndarray]:
   example = {
     "image": np.zeros((image_size, image_size, 3), np.uint8),
     "label": np.int32(0),
     "mask": np.float32(0),
   }
-  if with_segmentation:
-    example["segmentation"] = np.zeros((image_size, image_size), np.uint8)
+  for key in mask_keys:
+    example[key] = np.zeros((image_size, image_size), np.uint8)
   return example
 
 
@@ -296,7 +307,9 @@ def make_eval_iterator(
   Args:
     input_config: see `default_input_config`.
     with_segmentation: also emit 'segmentation' (the dataset's foreground or
-      segmentation mask, cropped like the image).
+      segmentation mask, cropped like the image), and 'instances' and 'parts'
+      (per-pixel object and part ids, cropped alike) where the dataset has
+      them.
     process_index: this host; defaults to `jax.process_index()`.
     process_count: number of hosts; defaults to `jax.process_count()`.
 
@@ -305,13 +318,14 @@ def make_eval_iterator(
   """
   process_index, process_count = _hosts(process_index, process_count)
   builder = _builder(input_config)
-  segmentation_key = None
+  segmentation_key, extra_masks = None, ()
   if with_segmentation:
     segmentation_key = next(
       (key for key in ("segmentation", "segmentation_mask") if key in builder.info.features), None
     )
     if segmentation_key is None:
       raise ValueError(f"{input_config.dataset} has no segmentation masks.")
+    extra_masks = tuple(key for key in _EXTRA_MASKS if key in builder.info.features)
   source = _data_source(builder, input_config.eval_split)
   shard = _host_shard(len(source), process_index, process_count)
   batch_size = _per_host(input_config.eval_batch_size, process_count)
@@ -320,11 +334,13 @@ def make_eval_iterator(
     image_size=input_config.image_size,
     resize_ratio=input_config.eval_resize_ratio,
     segmentation_key=segmentation_key,
+    extra_mask_keys=extra_masks,
   )
   dataset = grain.MapDataset.source(source)[shard].map(example_preprocess)
   num_padding = num_batches * batch_size - len(dataset)
   if num_padding:
-    padding = [_padding_example(input_config.image_size, with_segmentation)] * num_padding
+    mask_keys = ("segmentation", *extra_masks) if with_segmentation else ()
+    padding = [_padding_example(input_config.image_size, mask_keys)] * num_padding
     dataset = grain.MapDataset.concatenate([dataset, grain.MapDataset.source(padding)])
   batch_preprocess = preprocess.EvalBatchPreprocess(
     mean=tuple(input_config.mean), std=tuple(input_config.std)

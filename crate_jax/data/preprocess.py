@@ -291,12 +291,14 @@ class EvalExamplePreprocess:
   Returns `{'image': uint8[S, S, 3], 'label': int32, 'mask': float32 1.0}`,
   plus `segmentation` uint8[S, S] (the same crop, nearest-neighbour
   resampling) read from the element's `segmentation_key` when one is given:
-  a uint8[H, W] array or encoded single-channel PNG bytes.
+  a uint8[H, W] array or encoded single-channel PNG bytes; and likewise each
+  uint8[H, W] label map of `extra_mask_keys` under its own key.
   """
 
   image_size: int
   resize_ratio: float = 1.0
   segmentation_key: str | None = None
+  extra_mask_keys: tuple[str, ...] = ()
 
   def __call__(self, element: dict) -> dict[str, np.ndarray]:
     image = open_image(element["image"])
@@ -306,10 +308,12 @@ class EvalExamplePreprocess:
       "label": np.int32(element["label"]),
       "mask": np.float32(1),
     }
-    if self.segmentation_key:
-      segmentation = open_image(element[self.segmentation_key])
-      example["segmentation"] = np.asarray(
-        segmentation.resize((self.image_size,) * 2, Image.Resampling.NEAREST, box=box)
+    masks = {"segmentation": self.segmentation_key} if self.segmentation_key else {}
+    masks.update((key, key) for key in self.extra_mask_keys)
+    for key, source_key in masks.items():  # Output key, element key.
+      mask = open_image(element[source_key])
+      example[key] = np.asarray(
+        mask.resize((self.image_size,) * 2, Image.Resampling.NEAREST, box=box)
       )
     return example
 

@@ -82,8 +82,10 @@ def map_scores(
   """How well continuous patch maps `(B, gh, gw)` find the foreground `(B, S, S)`.
 
   `auroc`: pooled over all patches; `auroc_image`: the mean of per-image AUROCs (images
-  with foreground and background patches), which a map that only knows where objects
-  usually are cannot raise; `iou` (pooled) and `miou` (per image) of the `mass` threshold.
+  with foreground and background patches: how each map ranks its own image's patches);
+  `iou` (pooled) and `miou` (per image) of the `mass` threshold. A fixed map of where
+  objects usually are scores too, as far as positions are predictable: compare with the
+  no-model baselines (benchmarks/scenes_baselines.py).
   """
   _, labels = maps.patch_level_targets(foreground, patch)
   labels = np.asarray(labels)

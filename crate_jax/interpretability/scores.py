@@ -341,3 +341,16 @@ def centred_blob(grid: int | Sequence[int], sigma: float = 0.25) -> np.ndarray:
   y = (np.arange(gh) + 0.5) / gh - 0.5
   x = (np.arange(gw) + 0.5) / gw - 0.5
   return np.exp(-(y[:, None] ** 2 + x[None, :] ** 2) / (2 * sigma**2))
+
+
+def colour_contrast(images: np.ndarray, patch_size: int | Sequence[int]) -> np.ndarray:
+  """A saliency map that learns nothing: each patch's distance from its image's mean colour.
+
+  `images` `(B, H, W, C)` -> `(B, H / p1, W / p2)`: the patch's mean colour's Euclidean
+  distance from the mean patch colour of the image.
+  """
+  p1, p2 = pair(patch_size)
+  x = np.asarray(images, dtype=np.float64)
+  b, h, w, c = x.shape
+  colours = x.reshape(b, h // p1, p1, w // p2, p2, c).mean((2, 4))
+  return np.linalg.norm(colours - colours.mean((1, 2), keepdims=True), axis=-1)
