@@ -30,9 +30,6 @@ from crate_jax.evaluators import segmentation  # noqa: E402
 from crate_jax.interpretability import maps  # noqa: E402
 from crate_jax.interpretability import scores  # noqa: E402
 
-_DATASET = flags.DEFINE_string("dataset", "crate_scenes/64", "tfds name/config of the dataset.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data directory (default: tfds').")
-_PATCH = flags.DEFINE_integer("patch", 8, "Patch side in pixels.")
 _TRAIN_IMAGES = 10_000  # Training masks averaged into the position prior.
 
 
@@ -77,8 +74,9 @@ def baselines(dataset: str, patch: int, data_dir: str | None = None) -> dict[str
 
 def main(argv: list[str]) -> None:
   del argv
-  results = baselines(_DATASET.value, _PATCH.value, _DATA_DIR.value)
-  print(f"{_DATASET.value}, test split, {_PATCH.value} x {_PATCH.value} patches")
+  args = flags.FLAGS
+  results = baselines(args.dataset, args.patch, args.data_dir)
+  print(f"{args.dataset}, test split, {args.patch} x {args.patch} patches")
   print("| baseline | AUROC (image) | AUROC (pooled) | IoU | mIoU |")
   print("|---|---|---|---|---|")
   for name, r in results.items():
@@ -87,5 +85,8 @@ def main(argv: list[str]) -> None:
     )
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # Flags only here: the driver of the benchmark imports `baselines`.
+  flags.DEFINE_string("dataset", "crate_scenes/64", "tfds name/config of the dataset.")
+  flags.DEFINE_string("data_dir", None, "tfds data directory (default: tfds').")
+  flags.DEFINE_integer("patch", 8, "Patch side in pixels.")
   app.run(main)

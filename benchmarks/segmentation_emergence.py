@@ -43,10 +43,12 @@ COLUMNS = (
   ("eval/top1", "top-1"),
   ("segmentation/attention/auroc_image_mean_map", "attn AUROC/img (mean map)"),
   ("segmentation/attention/auroc_image_best_head", "attn AUROC/img (best head)"),
+  ("segmentation/attention/iou_mean_map", "attn IoU (mean map)"),
   ("segmentation/attention/iou_best_head", "attn IoU (best head)"),
   ("segmentation/pca/iou", "PCA IoU"),
   ("segmentation/maskcut/ap50", "MaskCut AP50"),
   ("segmentation/parts/consistency_best", "head-part consistency (best)"),
+  ("segmentation/parts/chance", "(its chance level)"),
   ("linear_probe/mean/top1", "linear probe top-1"),
 )
 

@@ -2,7 +2,7 @@ r"""CRATE-MAE pretraining on the embedded `crate_shapes/32` dataset, sized for 2
 
     python -m crate_jax.main --config=configs/mae_demo.py --workdir=/tmp/mae_demo
 
-A small CRATE-MAE (width 128, 4 encoder and 4 decoder layers of 4 heads, 4 x 4 patches: an
+A small CRATE-MAE (width 128, 4 encoder and 2 decoder layers of 4 heads, 4 x 4 patches: an
 8 x 8 grid, 48 of 64 patches masked) learns to reconstruct masked patches with AdamW and a
 cosine schedule. Evaluations write the masked reconstruction loss over the test split and
 `reconstruction_<step>.png` in the workdir (original | masked | reconstruction, 8 test
@@ -24,10 +24,10 @@ from crate_jax import config_utils
 def get_config(arg=None):
   arg = config_utils.parse_arg(
     arg,
-    steps=1500,
+    steps=1000,
     width=128,
     depth=4,
-    decoder_depth=4,
+    decoder_depth=2,
     heads=4,
     patch=4,
     mask_ratio=0.75,
@@ -55,6 +55,6 @@ def get_config(arg=None):
   config.log_every_steps = 50
   config.evals.reconstruction.every_steps = 500
   config.evals.rate_reduction.every_steps = 500
-  config.evals.linear_probe = dict(type="linear_probe", every_steps=0, train_split="train[:10000]")
+  config.evals.linear_probe = dict(type="linear_probe", every_steps=0)
   config.checkpoint_every_steps = 500
   return config
