@@ -175,6 +175,9 @@ class ClassifierBase(ModelBase):
   from the default below, `embed()` and `head()`.
   """
 
+  # The `encoder_norm` epsilon of the default `head`; None: the layers' `layer_norm_eps`.
+  ENCODER_NORM_EPS: ClassVar[float | None] = None
+
   num_classes: int = 1000
   pool: str = "cls"  # 'cls' token or 'mean' over all tokens (CLS included).
 
@@ -198,7 +201,8 @@ class ClassifierBase(ModelBase):
 
   def head(self, x: Array, intermediates: dict[str, Array] | None) -> tuple[Array, dict]:
     """A LayerNorm on all tokens (`encoder_norm`), pooling and a Xavier-initialised `head`."""
-    x = layer_norm(self.layer_norm_eps, self.dtype, "encoder_norm")(x)
+    eps = self.layer_norm_eps if self.ENCODER_NORM_EPS is None else self.ENCODER_NORM_EPS
+    x = layer_norm(eps, self.dtype, "encoder_norm")(x)
     return classifier_head(
       self,
       x,

@@ -365,6 +365,7 @@ class Classifier(common.ClassifierBase):
   FAMILY: ClassVar[str] = "CRATE-MAE classifier"
   VARIANTS: ClassVar[dict[str, common.Size]] = VARIANTS
   HAS_SUBSPACES: ClassVar[bool] = True
+  ENCODER_NORM_EPS: ClassVar[float] = FINAL_NORM_EPS
 
   pool: str = "mean"
   eta: float = 0.1
@@ -405,16 +406,4 @@ class Classifier(common.ClassifierBase):
       lam=self.lam,
       layer_norm_eps=self.layer_norm_eps,
       dtype=self.dtype,
-    )
-
-  def head(self, x: Array, intermediates: dict[str, Array] | None) -> tuple[Array, dict]:
-    x = common.layer_norm(FINAL_NORM_EPS, self.dtype, "encoder_norm")(x)
-    return common.classifier_head(
-      self,
-      x,
-      pool=self.pool,
-      num_classes=self.num_classes,
-      dtype=self.dtype,
-      torch_init=False,
-      intermediates=intermediates,
     )
