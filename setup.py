@@ -46,7 +46,7 @@ EXTRAS = {
 setuptools.setup(
   name="crate_jax",
   version="0.1.0",
-  description="CRATE white-box transformers in JAX/Flax, from a laptop CPU to TPU pods.",
+  description="CRATE white-box transformers in JAX/Flax: training, autoencoding, interpretability.",
   long_description=__doc__,
   packages=setuptools.find_packages(include=["crate_jax", "crate_jax.*"]),
   python_requires=">=3.10",

@@ -345,7 +345,7 @@ class JaxSide:
 
 
 def torch_state_dict_from_jax(params: dict, depth: int) -> dict[str, np.ndarray]:
-  """crate_jax parameters -> the published PyTorch names (see crate_spec.md section 3)."""
+  """crate_jax parameters -> the published PyTorch names (those of `convert/crate.py`)."""
   a = lambda x: np.asarray(x, np.float32)
   pe = params["patch_embed"]
   sd = {

@@ -1,4 +1,5 @@
-"""Shared test fixtures: the golden vectors and the published PyTorch reference model."""
+"""Shared test fixtures: the golden vectors, the published PyTorch reference model, and a tiny
+embedded dataset per test module."""
 
 import importlib.util
 import os
@@ -33,3 +34,13 @@ def torch_reference():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+@pytest.fixture(scope="module")
+def data_dir(request, tmp_path_factory) -> pathlib.Path:
+  """A tfds data_dir holding the module's `TINY` crate_shapes config, built once per module."""
+  from crate_jax.data import crate_shapes  # pylint: disable=g-import-not-at-top
+
+  path = tmp_path_factory.mktemp("tfds")
+  crate_shapes.build(request.module.TINY, path)
+  return path

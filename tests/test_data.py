@@ -23,13 +23,6 @@ _REPO_ROOT = pathlib.Path(__file__).parents[1]
 TINY = crate_shapes.CrateShapesConfig(name="tiny", image_size=32, train_size=300, test_size=75)
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  data_dir = tmp_path_factory.mktemp("tfds")
-  crate_shapes.build(TINY, data_dir)
-  return data_dir
-
-
 @pytest.fixture
 def config(data_dir):
   config = data.default_input_config()

@@ -23,10 +23,8 @@ ARCH = "width=16,depth=2,heads=2,patch=4"
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, data_dir):
   """A tiny CRATE trained for 2 steps on a tiny crate_shapes."""
-  data_dir = tmp_path_factory.mktemp("tfds")
-  crate_shapes.build(TINY, data_dir)
   config = demo.get_config(f"{ARCH},steps=2")
   config.input.update(
     dataset=f"crate_shapes/{TINY.name}",

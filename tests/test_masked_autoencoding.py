@@ -11,7 +11,6 @@ import flax
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import pytest
 
 from configs import mae_demo
 from crate_jax import config_utils
@@ -25,13 +24,6 @@ from crate_jax.evaluators import reconstruction
 from crate_jax.models import get_model
 
 TINY = crate_shapes.CrateShapesConfig(name="mae_tiny", image_size=16, train_size=128, test_size=40)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  path = tmp_path_factory.mktemp("tfds")
-  crate_shapes.build(TINY, path)
-  return path
 
 
 def tiny_config(data_dir, steps=8, **overrides):

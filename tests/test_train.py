@@ -42,13 +42,6 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = crate_shapes.CrateShapesConfig(name="train_tiny", image_size=16, train_size=96, test_size=70)
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  path = tmp_path_factory.mktemp("tfds")
-  crate_shapes.build(TINY, path)
-  return path
-
-
 def tiny_config(data_dir, **overrides):
   """configs/demo.py shrunk: 16 px images, width 16, 2 layers, 8 steps of 16 images."""
   config = demo.get_config("width=16,depth=2,heads=2,patch=4,steps=8")
