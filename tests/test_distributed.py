@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from absl import flags
+import jax
 import pytest
 
 from crate_jax import distributed
@@ -116,7 +117,7 @@ def test_explains_a_cluster_jax_cannot_configure(monkeypatch):
     del kwargs
     raise ValueError("coordinator_address should be defined.")
 
-  monkeypatch.setattr(distributed.jax.distributed, "initialize", jax_initialize)
+  monkeypatch.setattr(jax.distributed, "initialize", jax_initialize)
   monkeypatch.setattr(distributed, "_on_cloud_tpu_vm", lambda: False)
   monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
   with pytest.raises(
