@@ -1,7 +1,7 @@
 r"""Does segmentation emerge in CRATE and not in a ViT trained the same way? Trains, scores, tabulates.
 
     python benchmarks/segmentation_emergence.py --outdir=/tmp/seg_bench \
-        [--models=crate,vit,crate_mae] [--seeds=0,1,2] [--steps=2400] [--data_dir=...]
+        [--models=crate,vit,crate_mae] [--seeds=0,1,2] [--steps=2000] [--data_dir=...]
 
 For every model and seed: `python -m crate_jax.main --config=configs/segmentation_benchmark.py`
 into `<outdir>/<model>_s<seed>` (skipped when already finished: reruns resume), then

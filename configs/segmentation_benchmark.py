@@ -21,17 +21,17 @@ CLASSIFIERS = ("crate", "vit")
 
 
 def get_config(arg=None):
-  arg = config_utils.parse_arg(arg, model="crate", seed=0, steps=3600, width=128, depth=4, heads=4)
+  arg = config_utils.parse_arg(arg, model="crate", seed=0, steps=2000, width=128, depth=4, heads=4)
   sizes = dict(width=arg.width, depth=arg.depth, heads=arg.heads, patch_size=(8, 8))
   if arg.model in CLASSIFIERS:
     config = common.base(arg.model, **sizes)
     config.label_smoothing = 0.1
-    config.evals.eval.every_steps = 400
+    config.evals.eval.every_steps = 500
     if "rate_reduction" in config.evals:
       del config.evals["rate_reduction"]
   elif arg.model == "crate_mae":
     config = common.base("crate_mae", task="masked_autoencoding", decoder_depth=4, **sizes)
-    config.evals.reconstruction.every_steps = 800
+    config.evals.reconstruction.every_steps = 1000
     del config.evals["rate_reduction"]
     config.evals.linear_probe = dict(
       type="linear_probe", every_steps=0, train_split="train[:10000]"
@@ -50,7 +50,7 @@ def get_config(arg=None):
   config.optimizer.weight_decay = 0.05
   config.schedule.warmup_steps = 100
   config.log_every_steps = 100
-  config.checkpoint_every_steps = 800
+  config.checkpoint_every_steps = 1000
   config.evals.segmentation = dict(
     type="segmentation", every_steps=0, num_part_types=len(crate_scenes.PART_NAMES)
   )

@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 from crate_jax import data
 from crate_jax.data import crate_shapes
 from crate_jax.data import imagenet21k
+from crate_jax.data import pipeline
 from crate_jax.data import preprocess
 
 _REPO_ROOT = pathlib.Path(__file__).parents[1]
@@ -333,3 +334,12 @@ def test_prepare_builds_registered_crate_shapes(tmp_path, monkeypatch):
   data.prepare_dataset(config)
   assert data.num_examples(config, "train") == 30
   assert data.num_examples(config, "test[:5]") == 5
+
+
+def test_first_examples_of_a_split_compose_with_its_slice():
+  assert pipeline.first_examples("train", 256) == "train[:256]"
+  assert pipeline.first_examples("validation[500:]", 256) == "validation[500:756]"
+  assert pipeline.first_examples("train[:100]", 256) == "train[0:100]"
+  assert pipeline.first_examples("train[10:20]", 5) == "train[10:15]"
+  with pytest.raises(ValueError, match="non-negative example indices"):
+    pipeline.first_examples("train[:10%]", 5)

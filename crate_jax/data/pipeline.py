@@ -29,6 +29,7 @@ same number of hosts.
 
 import math
 import os
+import re
 
 import grain
 import jax
@@ -43,6 +44,16 @@ from crate_jax.data import preprocess
 _DOCS = "docs/data.md"
 # Embedded datasets, built on first use: tfds name -> builder.
 _EMBEDDED = {"crate_shapes": crate_shapes.CrateShapes, "crate_scenes": crate_scenes.CrateScenes}
+# Datasets converted from a manual download by `python -m crate_jax.data.<name>` (no
+# TensorFlow): tfds name -> what to download.
+_CONVERTERS = {
+  "imagenet21k": "Extract an ImageNet-21K release (one n*.tar per synset)",
+  "voc_segmentation": "Download PASCAL VOC 2012 (VOCtrainval_11-May-2012.tar), extract it",
+  "coco_segmentation": (
+    "Download COCO's val2017.zip and annotations_trainval2017.zip, extract both into one "
+    "directory (val2017/, annotations/instances_val2017.json)"
+  ),
+}
 # Per-pixel label maps that evaluation emits next to 'segmentation' when present.
 _EXTRA_MASKS = ("instances", "parts")
 
@@ -122,11 +133,10 @@ def _how_to_prepare(name: str, data_dir: str) -> str:
       f"Build it with {builder_class.__module__}.build("
       f"{type(builder_class.BUILDER_CONFIGS[0]).__name__}(name=..., ...), data_dir={data_dir!r})."
     )
-  if dataset == "imagenet21k":
+  if dataset in _CONVERTERS:
     return (
-      "Extract an ImageNet-21K release (one n*.tar per synset) and run:\n"
-      "  python -m crate_jax.data.imagenet21k --manual_dir=<extracted dir> "
-      f"--data_dir={data_dir}"
+      f"{_CONVERTERS[dataset]} and run:\n"
+      f"  python -m crate_jax.data.{dataset} --manual_dir=<extracted dir> --data_dir={data_dir}"
     )
   command = f"tfds build {name} --data_dir={data_dir} --file_format=array_record"
   if dataset == "imagenet2012":
@@ -189,6 +199,26 @@ def dataset_features(input_config: ml_collections.ConfigDict) -> tfds.features.F
 def num_examples(input_config: ml_collections.ConfigDict, split: str) -> int:
   """Number of examples in `split` of the (prepared) dataset, over all hosts."""
   return _builder(input_config).info.splits[split].num_examples
+
+
+def first_examples(split: str, num: int) -> str:
+  """The tfds split of the first `num` examples of `split` ("train" or "train[a:b]").
+
+  Raises:
+    ValueError: `split` is sliced other than by non-negative example indices.
+  """
+  name, bracket, rest = split.partition("[")
+  if not bracket:
+    return f"{split}[:{num}]"
+  bounds = re.fullmatch(r"(\d*):(\d*)\]", rest)
+  if not bounds:
+    raise ValueError(
+      f"Cannot take the first {num} examples of split {split!r}: slice it by non-negative "
+      "example indices (e.g. 'validation[500:]'), or name the subset explicitly."
+    )
+  start = int(bounds[1] or 0)
+  stop = start + num if not bounds[2] else min(start + num, int(bounds[2]))
+  return f"{name}[{start}:{stop}]"
 
 
 def _host_shard(num: int, process_index: int, process_count: int) -> slice:

@@ -176,9 +176,11 @@ class Evaluator:
     self._eval_split = None
     if num_images:
       num_images = min(num_images, pipeline.num_examples(config, config.eval_split))
-      self._eval_split = f"{config.eval_split}[:{num_images}]"
+      self._eval_split = pipeline.first_examples(config.eval_split, num_images)
     num_selection = min(num_selection, pipeline.num_examples(config, config.train_split))
-    self._selection_split = selection_split or f"{config.train_split}[:{num_selection}]"
+    self._selection_split = selection_split or pipeline.first_examples(
+      config.train_split, num_selection
+    )
     self._patch = common.pair(context.model.dims()["patch_size"])
     self._kwargs = dict(
       mass=mass,
