@@ -21,18 +21,7 @@ model's layers, random values, so that zstd cannot shrink them) plus Adam's two 
 * `crate_b16`: CRATE-B/16, width 768, 12 layers, 16x16 patches, 1000 classes:
   22,820,584 parameters, 68.5M floats with the moments.
 
-Recorded (2-core CPU VM, jax 0.10.2, orbax 0.12.8, load average 4.4-5.5 from other jobs:
-differences under ~0.1 s are noise), median of 7 rounds, seconds, integrity off / on:
-
-| state | floats | save returns | save committed | restore | digests alone: first / then |
-|---|---|---|---|---|---|
-| demo | 0.68M | 0.041 / 0.058 | 0.221 / 0.227 | 0.117 / 0.106 | 1.177 / 0.007 |
-| crate_b16 | 68.35M | 0.117 / 0.176 | 1.252 / 1.173 | 0.634 / 0.706 | 1.180 / 0.057 |
-
-On CPU the digest programs run while `save()` is blocking (about 0.06-0.1 s for CRATE-B/16
-here); the first save of a process also compiles them (about 1.2 s here, once per array
-shape and sharding). On an accelerator they run on the device while orbax copies the
-arrays off it (not measured here).
+Recorded numbers: benchmarks/README.md.
 """
 
 import os

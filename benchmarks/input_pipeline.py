@@ -9,25 +9,8 @@ Single-threaded; images/s is per core (CPU time of this process, best of 5).
 
     python benchmarks/input_pipeline.py [--num_images=300] [--num_batches=40]
 
-Measured 2026-11-27 on the 2-core CI machine (AMD EPYC, Pillow 13.0 with
-libjpeg-turbo 3.2, NumPy 2.4) while other jobs kept its load average at 11-12,
-so an idle machine should do somewhat better (ms per image):
-
-  224 px              decode  crop+resize  flip+norm   total  img/s
-    full decode         2.06         0.99       0.50    3.55    282
-    draft decode        1.92         1.11       0.44    3.47    288  (0% reduced)
-  112 px
-    full decode         1.86         0.60       0.14    2.60    385
-    draft decode        1.85         0.41       0.14    2.40    416  (57% reduced)
-  TrainExamplePreprocess + TrainBatchPreprocess, 224 px: 3.74 ms, 267 img/s
-  crate_shapes/32 grain pipeline (default config): 606 us, 1651 img/s
-
-An earlier run on ~40 kB JPEGs (less sensor noise) gave 2.68 ms (373 img/s)
-end to end.
-JPEG decoding dominates. `draft` never engages for 224 px crops of ~400 px
-images (it needs crops of at least 2 x 224 px), but it does for smaller
-outputs and larger photos. Normalising over rows of W * 3 values instead of
-broadcasting over the 3 channels cut flip+normalise from ~1.4 to ~0.5 ms.
+Recorded numbers: benchmarks/README.md. `draft` engages only for crops at least twice the
+output size, so rarely for 224 px crops of ImageNet-sized photos.
 """
 
 import io
