@@ -27,6 +27,7 @@ Each host writes its own `data/process_<i>-of-<n>.json`, so resume with the
 same number of hosts.
 """
 
+import importlib
 import math
 import os
 import re
@@ -45,14 +46,13 @@ _DOCS = "docs/data.md"
 # Embedded datasets, built on first use: tfds name -> builder.
 _EMBEDDED = {"crate_shapes": crate_shapes.CrateShapes, "crate_scenes": crate_scenes.CrateScenes}
 # Datasets converted from a manual download by `python -m crate_jax.data.<name>` (no
-# TensorFlow): tfds name -> what to download.
-_CONVERTERS = {
-  "imagenet21k": "Extract an ImageNet-21K release (one n*.tar per synset)",
-  "voc_segmentation": "Download PASCAL VOC 2012 (VOCtrainval_11-May-2012.tar), extract it",
-  "coco_segmentation": (
-    "Download COCO's val2017.zip and annotations_trainval2017.zip, extract both into one "
-    "directory (val2017/, annotations/instances_val2017.json)"
-  ),
+# TensorFlow): tfds name -> its builder class, whose MANUAL_DOWNLOAD_INSTRUCTIONS say what
+# to download. Imported only to explain a missing dataset: importing the converters here would
+# register their builders twice when one runs as `__main__`.
+_CONVERTED = {
+  "imagenet21k": "Imagenet21k",
+  "voc_segmentation": "VocSegmentation",
+  "coco_segmentation": "CocoSegmentation",
 }
 # Per-pixel label maps that evaluation emits next to 'segmentation' when present.
 _EXTRA_MASKS = ("instances", "parts")
@@ -133,10 +133,12 @@ def _how_to_prepare(name: str, data_dir: str) -> str:
       f"Build it with {builder_class.__module__}.build("
       f"{type(builder_class.BUILDER_CONFIGS[0]).__name__}(name=..., ...), data_dir={data_dir!r})."
     )
-  if dataset in _CONVERTERS:
+  if dataset in _CONVERTED:
+    module = importlib.import_module(f"crate_jax.data.{dataset}")
+    builder_class = getattr(module, _CONVERTED[dataset])
     return (
-      f"{_CONVERTERS[dataset]} and run:\n"
-      f"  python -m crate_jax.data.{dataset} --manual_dir=<extracted dir> --data_dir={data_dir}"
+      f"{builder_class.MANUAL_DOWNLOAD_INSTRUCTIONS} Then run:\n"
+      f"  python -m {builder_class.__module__} --manual_dir=<that dir> --data_dir={data_dir}"
     )
   command = f"tfds build {name} --data_dir={data_dir} --file_format=array_record"
   if dataset == "imagenet2012":
